@@ -1,0 +1,123 @@
+"""Device mesh from config, logical-axis rules, and multi-host initialisation.
+
+`config.parallel.mesh` is a sequence of `(axis_name, size)` pairs; one size
+may be -1, meaning "all remaining devices" (as big_vision's
+`create_device_mesh`). The default `(('data', -1),)` puts every device on one
+axis: conv layers split the batch over it and the FC layers split their
+weights over the same devices, as in the paper's model-data parallelism.
+
+The logical axis names on parameters (see `deep_image.models.vgg`) map to
+mesh axes through `logical_rules`: ``'model'`` (the split FC dimension) goes to
+`config.parallel.model_axes` (default: every mesh axis), or nowhere when
+`config.parallel.shard_fc` is False.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+_distributed_initialized = False
+
+
+def maybe_initialize_distributed(parallel_cfg) -> None:
+  """Start JAX's distributed runtime when the config asks for several processes.
+
+  The one place multi-host is switched on. With `parallel.num_processes` > 1
+  (or JAX's own cluster auto-detection via `parallel.distributed = 'auto'`,
+  e.g. under SLURM) it calls `jax.distributed.initialize` before any device is
+  touched; a single-process run does nothing.
+  """
+  global _distributed_initialized
+  mode = parallel_cfg.get("distributed", "off")
+  if _distributed_initialized or mode == "off":
+    return
+  if mode == "auto":
+    jax.distributed.initialize()
+  elif mode == "explicit":
+    jax.distributed.initialize(
+        coordinator_address=parallel_cfg.coordinator_address,
+        num_processes=parallel_cfg.num_processes,
+        process_id=parallel_cfg.process_id,
+    )
+  else:
+    raise ValueError(
+        f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'"
+    )
+  _distributed_initialized = True
+  logging.info(
+      "distributed: process %d of %d", jax.process_index(), jax.process_count()
+  )
+
+
+def forced_host_device_count() -> int | None:
+  """The device count set by XLA_FLAGS=--xla_force_host_platform_device_count=N, if any."""
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    if flag.startswith("--xla_force_host_platform_device_count="):
+      return int(flag.split("=", 1)[1])
+  return None
+
+
+def resolve_mesh_shape(
+    mesh_spec, num_devices: int
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """Axis names and sizes, with the one -1 replaced by the remaining devices.
+
+  Raises ValueError naming `parallel.mesh` when the sizes do not fit
+  `num_devices`.
+  """
+  names = tuple(str(name) for name, _ in mesh_spec)
+  sizes = [int(size) for _, size in mesh_spec]
+  if len(set(names)) != len(names):
+    raise ValueError(f"parallel.mesh={tuple(mesh_spec)} repeats an axis name")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"parallel.mesh={tuple(mesh_spec)} has more than one -1 size")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"parallel.mesh={tuple(mesh_spec)}: sizes must be positive or -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(
+          f"parallel.mesh={tuple(mesh_spec)}: {num_devices} devices do not divide by {fixed}"
+      )
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) > num_devices:
+    raise ValueError(
+        f"parallel.mesh={tuple(mesh_spec)} needs {math.prod(sizes)} devices but only "
+        f"{num_devices} are available (jax.devices())"
+    )
+  return names, tuple(sizes)
+
+
+def make_mesh(parallel_cfg, devices=None) -> Mesh:
+  """A `Mesh` over `devices` (default: all) shaped by `parallel_cfg.mesh`.
+
+  Axes are `AxisType.Auto` so that jit's in/out shardings decide layouts
+  (GSPMD) and shard_map inputs are resharded to their in_specs as needed.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = resolve_mesh_shape(parallel_cfg.mesh, len(devices))
+  used = devices[: math.prod(sizes)]
+  if len(devices) == len(used):
+    mesh_devices = mesh_utils.create_device_mesh(sizes, used)
+  else:
+    mesh_devices = np.asarray(used).reshape(sizes)
+  return Mesh(mesh_devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def logical_rules(parallel_cfg, mesh: Mesh) -> tuple[tuple[str, object], ...]:
+  """Flax logical-axis rules: 'model' -> mesh axes of the split FC dim, 'batch' -> all."""
+  model_axes = parallel_cfg.get("model_axes") or mesh.axis_names
+  if not parallel_cfg.get("shard_fc", True):
+    model_axes = None
+  elif isinstance(model_axes, str):
+    model_axes = (model_axes,)
+  else:
+    model_axes = tuple(model_axes)
+  return (("model", model_axes), ("batch", tuple(mesh.axis_names)))

@@ -1,0 +1,457 @@
+"""Four ways to run one training step on a mesh; `config.parallel.strategy` picks one.
+
+======== ========================================== ==============================
+strategy params and optimizer state                gradient synchronization
+======== ========================================== ==============================
+gspmd    Flax partition specs (FC1/FC2 split on     XLA's own (jax.jit + GSPMD)
+         'model', the rest replicated)
+data     replicated                                 one reduce-scatter + all-gather
+                                                    of all gradients after backward
+lazy     1/N of every parameter per device          each weight all-gathered just
+                                                    before use; its gradient
+                                                    reduce-scattered as backward
+                                                    reaches it; local-shard update
+hybrid   conv as data or lazy (parallel.conv);      FC activations gathered /
+         FC1/FC2 split across all devices           scattered (fc_block.py)
+======== ========================================== ==============================
+
+All four compute the same function: a step on N devices with global batch B
+equals a step on one device with batch B (tests/test_equivalence.py). Every
+device's loss is its *sum* over its b = B/N examples divided by B, so the
+gradients of the N device losses add up to the gradient of the global mean.
+
+The shard_map strategies run over a mesh with one axis; collectives come from
+`deep_image.parallel.collectives` with `config.parallel.collective` as the
+algorithm.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deep_image.models.vgg import MODELS, VGG
+from deep_image.parallel import collectives, fc_block, layouts, mesh as mesh_lib
+from deep_image.train import losses
+from deep_image.train.state import TrainState
+
+STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
+CONV_MODES = ("data", "lazy")
+
+
+def validate_parallel_config(config, num_devices: int) -> None:
+  """Raise ValueError naming the config field for a setup that cannot run.
+
+  Runs before anything is compiled: unknown strategy / algorithm / conv mode,
+  a mesh larger than the devices, a batch that does not divide over them, FC
+  widths that do not split over them.
+  """
+  par = config.parallel
+  if par.strategy not in STRATEGIES:
+    raise ValueError(
+        f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGIES}"
+    )
+  collectives.resolve_algorithm(par.collective, 2)
+  if par.strategy == "hybrid" and par.conv not in CONV_MODES:
+    raise ValueError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
+  names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
+  n = math.prod(sizes)
+  if par.strategy != "gspmd" and sum(s > 1 for s in sizes) > 1:
+    raise ValueError(
+        f"parallel.strategy={par.strategy!r} runs over one mesh axis, but parallel.mesh="
+        f"{tuple(par.mesh)} has several axes larger than 1"
+    )
+  batch = config.train.batch_size
+  if batch <= 0 or batch % n:
+    raise ValueError(
+        f"train.batch_size={batch} does not divide over the {n} devices of parallel.mesh="
+        f"{dict(zip(names, sizes))}"
+    )
+  split_over = _fc_split_devices(par, dict(zip(names, sizes)))
+  h1 = MODELS[config.model.name]["fc"][0] if config.model.name in MODELS else None
+  if h1 is not None and split_over > 1 and h1 % split_over:
+    raise ValueError(
+        f"parallel.strategy={par.strategy!r} splits FC1's {h1} outputs over {split_over} "
+        f"devices; model.name={config.model.name!r} needs a device count that divides {h1} "
+        f"(or, for gspmd, parallel.shard_fc=False)"
+    )
+
+
+def _fc_split_devices(par, axis_sizes: dict[str, int]) -> int:
+  """Over how many devices the FC1/FC2 weights are split (1: not split)."""
+  if par.strategy == "hybrid":
+    return math.prod(axis_sizes.values())
+  if par.strategy != "gspmd" or not par.get("shard_fc", True):
+    return 1
+  model_axes = par.get("model_axes") or tuple(axis_sizes)
+  model_axes = (model_axes,) if isinstance(model_axes, str) else model_axes
+  return math.prod(axis_sizes[a] for a in model_axes)
+
+
+def _batch_axis(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(mesh.axis_names)
+
+
+class Strategy(abc.ABC):
+  """Common interface.
+
+  Attributes:
+    mesh: the device mesh.
+    batch_sharding: NamedSharding of a global [B, ...] batch (split over all
+      devices along B).
+  Methods:
+    init(rng) -> TrainState in this strategy's layout.
+    train_step(state, images [B, H, W, C] float32, labels [B] int32)
+      -> (state, metrics): jitted, donates `state`. metrics: float32 scalars
+      'loss' (mean over B), 'top1', 'top5' (fractions of B).
+    full_params(state) -> the parameter tree in the model's own layout
+      (global arrays), e.g. for evaluation, checkpoints and tests.
+  """
+
+  name: str
+
+  def __init__(self, config, model: VGG, tx: optax.GradientTransformation, mesh: Mesh):
+    self.config = config
+    self.model = model
+    self.tx = tx
+    self.mesh = mesh
+    self.batch_sharding = NamedSharding(mesh, P(_batch_axis(mesh)))
+    self.replicated = NamedSharding(mesh, P())
+    self.global_batch = config.train.batch_size
+    self.dropout_key = jax.random.key(config.seed + 1)
+    sample = jnp.zeros((1, model.spec.image_size, model.spec.image_size, model.spec.in_channels))
+    self._boxed_shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), sample)["params"]
+    )
+    self.param_shapes = nn.unbox(self._boxed_shapes)
+    self.logical_shardings = nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(self._boxed_shapes), mesh, mesh_lib.logical_rules(config.parallel, mesh)
+    )
+    self._train_step = None
+
+  def _init_full_params(self, rng: jax.Array, shardings):
+    """Parameters in the model's layout, placed by `shardings`.
+
+    The random values do not depend on the layout (jax_threefry_partitionable),
+    so every strategy and mesh starts from the same weights for the same seed.
+    """
+    sample = jnp.zeros((1,) + self.input_shape)
+    init = jax.jit(
+        lambda r: nn.unbox(self.model.init(r, sample)["params"]),
+        out_shardings=shardings,
+    )
+    return init(rng)
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    s = self.model.spec
+    return (s.image_size, s.image_size, s.in_channels)
+
+  def _opt_shardings(self, params_abstract, param_shardings):
+    opt_abstract = jax.eval_shape(self.tx.init, params_abstract)
+    return optax.tree_map_params(
+        self.tx,
+        lambda _, sharding: sharding,
+        opt_abstract,
+        param_shardings,
+        transform_non_params=lambda _: self.replicated,
+    )
+
+  def train_step(self, state: TrainState, images: jax.Array, labels: jax.Array):
+    if self._train_step is None:
+      self._train_step = self._build_train_step()
+    state, sums = self._train_step(state, images, labels)
+    return state, {k: v / self.global_batch for k, v in sums.items()}
+
+  def lower_train_step(self, state_abstract, images_abstract, labels_abstract):
+    """jax.stages.Lowered of one step (for compile-only memory and cost analysis)."""
+    if self._train_step is None:
+      self._train_step = self._build_train_step()
+    return self._train_step.lower(state_abstract, images_abstract, labels_abstract)
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array) -> TrainState:
+    """A fresh state in this strategy's layout."""
+
+  @abc.abstractmethod
+  def state_shardings(self) -> TrainState:
+    """NamedShardings of every state leaf."""
+
+  @abc.abstractmethod
+  def full_params(self, state: TrainState):
+    """The parameter tree in the model's own layout."""
+
+  @abc.abstractmethod
+  def _abstract_state_shapes(self) -> TrainState:
+    """ShapeDtypeStructs of the state leaves."""
+
+  @abc.abstractmethod
+  def _build_train_step(self):
+    """The jitted step (state, images, labels) -> (state, metric sums)."""
+
+  def abstract_state(self):
+    """ShapeDtypeStructs (with shardings) of the state, without allocating it."""
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        self._abstract_state_shapes(),
+        self.state_shardings(),
+    )
+
+
+class GSPMDStrategy(Strategy):
+  """jax.jit with NamedShardings from the Flax partition specs; XLA inserts collectives."""
+
+  name = "gspmd"
+
+  def init(self, rng: jax.Array) -> TrainState:
+    params = self._init_full_params(rng, self.logical_shardings)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings().opt_state)(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+  def _abstract_state_shapes(self):
+    opt = jax.eval_shape(self.tx.init, self.param_shapes)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), self.param_shapes, opt)
+
+  def state_shardings(self) -> TrainState:
+    return TrainState(
+        self.replicated,
+        self.logical_shardings,
+        self._opt_shardings(self.param_shapes, self.logical_shardings),
+    )
+
+  def full_params(self, state: TrainState):
+    return state.params
+
+  def _build_train_step(self):
+    model, tx, batch = self.model, self.tx, self.global_batch
+    dropout_key = self.dropout_key
+
+    def step(state: TrainState, images, labels):
+      def loss_fn(params):
+        logits = model.apply(
+            {"params": params},
+            images,
+            train=True,
+            rngs={"dropout": jax.random.fold_in(dropout_key, state.step)},
+        )
+        loss_sum, sums = losses.loss_and_counts(logits, labels)
+        return loss_sum / batch, sums
+
+      grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return TrainState(state.step + 1, params, opt_state), sums
+
+    shardings = self.state_shardings()
+    return jax.jit(
+        step,
+        in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+        out_shardings=(shardings, self.replicated),
+        donate_argnums=0,
+    )
+
+
+class ShardMapStrategy(Strategy):
+  """data / lazy / hybrid: an explicit shard_map program over one mesh axis.
+
+  `layout_of(path, shape)` gives each parameter's `layouts.Layout`; the step
+  (1) turns stored parts into usable weights (gathering LAZY ones), (2) runs
+  the forward pass (the model, or conv + `fc_block` when FC weights are split),
+  (3) all-reduces the gradients of REPLICATED parameters as one flat buffer
+  (reduce-scatter + all-gather: butterfly synchronization), and (4) updates
+  each device's stored part.
+  """
+
+  def __init__(self, config, model, tx, mesh, name: str, layout_of: Callable):
+    super().__init__(config, model, tx, mesh)
+    self.name = name
+    (self.axis,) = [a for a in mesh.axis_names if mesh.shape[a] > 1] or [mesh.axis_names[0]]
+    self.n = mesh.shape[self.axis]
+    self.algorithm = config.parallel.collective
+    self.layouts = jax.tree_util.tree_map_with_path(
+        lambda path, x: layout_of(_path_names(path), x.shape), self.param_shapes
+    )
+    self.tensor_parallel_fc = any(
+        lo.kind == "split" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)
+    )
+
+  # --- layout of the state -------------------------------------------------
+  def _stored_params_shapes(self):
+    return jax.tree.map(
+        lambda lo, x: jax.ShapeDtypeStruct(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
+        self.layouts,
+        self.param_shapes,
+        is_leaf=_is_layout,
+    )
+
+  def _stored_param_shardings(self):
+    return jax.tree.map(
+        lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
+        self.layouts,
+        self._stored_params_shapes(),
+        is_leaf=_is_layout,
+    )
+
+  def _full_param_shardings(self):
+    """Model-layout parameters: split ones as stored, the rest replicated."""
+    return jax.tree.map(
+        lambda lo, x: NamedSharding(
+            self.mesh,
+            layouts.stored_spec(lo, len(x.shape), self.axis) if lo.kind == "split" else P(),
+        ),
+        self.layouts,
+        self.param_shapes,
+        is_leaf=_is_layout,
+    )
+
+  def _abstract_state_shapes(self):
+    stored = self._stored_params_shapes()
+    opt = jax.eval_shape(self.tx.init, stored)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), stored, opt)
+
+  def state_shardings(self) -> TrainState:
+    param_sh = self._stored_param_shardings()
+    return TrainState(
+        self.replicated, param_sh, self._opt_shardings(self._stored_params_shapes(), param_sh)
+    )
+
+  def init(self, rng: jax.Array) -> TrainState:
+    full = self._init_full_params(rng, self._full_param_shardings())
+    shardings = self.state_shardings()
+    stored = jax.jit(
+        lambda p: jax.tree.map(
+            lambda lo, x: layouts.to_stored(x, lo, self.n), self.layouts, p, is_leaf=_is_layout
+        ),
+        out_shardings=shardings.params,
+    )(full)
+    opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(stored)
+    return TrainState(jnp.zeros((), jnp.int32), stored, opt_state)
+
+  def full_params(self, state: TrainState):
+    return jax.jit(
+        lambda p: jax.tree.map(
+            lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
+            self.layouts,
+            p,
+            self.param_shapes,
+            is_leaf=_is_layout,
+        ),
+        out_shardings=self._full_param_shardings(),
+    )(state.params)
+
+  # --- the step ------------------------------------------------------------
+  def _forward(self, params, images, rng):
+    """Per-device forward on the local batch; returns logits [b, classes]."""
+    model, rate = self.model, self.model.dropout_rate
+    if not self.tensor_parallel_fc:
+      return model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    feats = model.apply({"params": params}, images, method=VGG.features)
+    return fc_block.tensor_parallel_head(
+        {k: params[k] for k in ("fc1", "fc2", "fc3")},
+        feats,
+        axis=self.axis,
+        algorithm=self.algorithm,
+        dtype=model.dtype,
+        dropout_rate=rate,
+        rng=rng if rate > 0 else None,
+    )
+
+  def _sync_replicated(self, grads):
+    """All-reduce (sum) the gradients of REPLICATED parameters as one flat buffer."""
+    is_rep = jax.tree.map(lambda lo: lo.kind == "replicated", self.layouts, is_leaf=_is_layout)
+    rep = [g for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(is_rep)) if r]
+    if not rep or self.n == 1:
+      return grads
+    flat, unravel = ravel_pytree(rep)
+    synced = iter(unravel(collectives.all_reduce(flat, self.axis, algorithm=self.algorithm)))
+    leaves = [next(synced) if r else g for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(is_rep))]
+    return jax.tree.unflatten(jax.tree.structure(grads), leaves)
+
+  def _build_train_step(self):
+    tx, batch, axis = self.tx, self.global_batch, self.axis
+    dropout_key = self.dropout_key
+
+    def local_step(state: TrainState, images, labels):
+      rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index(axis))
+
+      def loss_fn(stored):
+        params = jax.tree.map(
+            lambda lo, x, shape: layouts.local_for_use(x, lo, shape.shape, axis, self.algorithm),
+            self.layouts,
+            stored,
+            self.param_shapes,
+            is_leaf=_is_layout,
+        )
+        logits = self._forward(params, images, rng)
+        loss_sum, sums = losses.loss_and_counts(logits, labels)
+        return loss_sum / batch, sums
+
+      grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+      grads = self._sync_replicated(grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      # Metrics are a few scalars: the builtin psum is fine here.
+      return TrainState(state.step + 1, params, opt_state), lax.psum(sums, axis)
+
+    shardings = self.state_shardings()
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    batch_spec = P(axis)
+    mapped = jax.shard_map(
+        local_step,
+        mesh=self.mesh,
+        in_specs=(specs, batch_spec, batch_spec),
+        out_specs=(specs, P()),
+        check_vma=False,
+    )
+    return jax.jit(
+        mapped,
+        in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+        out_shardings=(shardings, self.replicated),
+        donate_argnums=0,
+    )
+
+
+def _is_layout(x) -> bool:
+  return isinstance(x, layouts.Layout)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _hybrid_layout(conv_layout: layouts.Layout):
+  def layout_of(names, shape):
+    layer, kind = names[0], names[-1]
+    if layer == "fc1":
+      return layouts.split(len(shape) - 1)  # output columns (kernel dim 1, bias dim 0)
+    if layer == "fc2" and kind == "kernel":
+      return layouts.split(0)  # input rows
+    if layer in ("fc2", "fc3"):
+      return layouts.REPLICATED
+    return conv_layout
+
+  return layout_of
+
+
+def make_strategy(config, model: VGG, tx: optax.GradientTransformation, mesh: Mesh) -> Strategy:
+  """The strategy named by `config.parallel.strategy` on `mesh` (validated first)."""
+  validate_parallel_config(config, mesh.size)
+  name = config.parallel.strategy
+  if name == "gspmd":
+    return GSPMDStrategy(config, model, tx, mesh)
+  if name == "data":
+    return ShardMapStrategy(config, model, tx, mesh, name, lambda *_: layouts.REPLICATED)
+  if name == "lazy":
+    return ShardMapStrategy(config, model, tx, mesh, name, lambda *_: layouts.LAZY)
+  conv = layouts.LAZY if config.parallel.conv == "lazy" else layouts.REPLICATED
+  return ShardMapStrategy(config, model, tx, mesh, name, _hybrid_layout(conv))
