@@ -7,6 +7,9 @@ shows that a wrong parameter would fail it.
 """
 
 import math
+import pathlib
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -251,3 +254,32 @@ def test_stack_params_batches_and_checks_crop_size():
   assert batch.crop_size == 224
   with pytest.raises(ValueError, match="crop_size"):
     augment.stack_params([a, augment.AugmentParams.identity(200)])
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "experiments.augmentations", *args],
+                        capture_output=True, text=True, timeout=60,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_table_script_prints_table1_and_rejects_unknown_flags():
+  done = _run_script("--table")
+  assert done.returncode == 0, done.stderr
+  rows = dict(line.split("  ", 1) for line in done.stdout.splitlines()[2:])
+  counts = {name.strip(): value.split()[0] for name, value in rows.items()}
+  assert counts["Color casting"] == "68,920" and counts["Cropping"] == "82,944"
+  assert counts["Vignetting"] == "1,960" and counts["Lens distortion"] == "260"
+  assert counts["Rotation"] == "20" and counts["Flipping"] == "2"
+  assert counts["Total (product of the rows)"] == f"{68920 * 1960 * 260 * 20 * 2 * 82944:,}"
+  bad = _run_script("--table", "--no_such_flag")
+  assert bad.returncode != 0 and "no_such_flag" in bad.stderr
+
+
+def test_gallery_script_writes_a_png_grid(tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.gallery", f"--out={tmp_path}", "--columns=3"],
+      capture_output=True, text=True, timeout=60,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert done.returncode == 0, done.stderr
+  grid = cv2.imread(str(tmp_path / "augmentations.png"))
+  assert grid is not None and grid.shape[1] > 3 * 224 and grid.shape[0] > 6 * 224
