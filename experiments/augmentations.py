@@ -18,15 +18,18 @@ from deep_image.data import augment
 
 _TABLE = flags.DEFINE_bool("table", False, "Print Table 1 (number of possible changes).")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", augment.TABLE1_IMAGE_SIZE, "Side of the square images crops are taken from.")
+  "image_size", augment.TABLE1_IMAGE_SIZE, "Side of the square images crops are taken from."
+)
 _AUGMENT = config_flags.DEFINE_config_dict("augment", augment.default_config())
 
 
 def format_table(sizes: dict[str, int], crop_size: int, image_size: int) -> str:
   """Two-column text table with a total row (the product: every combination of changes)."""
   rows = [(name, f"{count:,}") for name, count in sizes.items()]
-  rows[-1] = (rows[-1][0], f"{rows[-1][1]} (crop {crop_size}x{crop_size} of "
-              f"{image_size}x{image_size})")
+  rows[-1] = (
+    rows[-1][0],
+    f"{rows[-1][1]} (crop {crop_size}x{crop_size} of {image_size}x{image_size})",
+  )
   rows.append(("Total (product of the rows)", f"{math.prod(sizes.values()):,}"))
   header = ("Augmentation", "Number of possible changes")
   width = max(len(r[0]) for r in rows + [header])

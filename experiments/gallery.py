@@ -53,28 +53,37 @@ def gallery_rows(image: np.ndarray, crop: int, seed: int, columns: int):
   run = lambda label, p: (label, augment.apply(image, p))
   lens = lambda kind, d: centre.replace(lens_kind=kind, lens_degree=d)
   rows = [
-      [run("original (centre crop)", centre),
-       run("crop top-left", augment.AugmentParams.identity(crop)),
-       run("crop bottom-right", augment.AugmentParams.identity(crop, h - crop - 1, w - crop - 1)),
-       run("flip", centre.replace(flip=True))],
-      [run(f"cast RGB {s[0]:+d} {s[1]:+d} {s[2]:+d}", centre.replace(color_shift=s))
-       for s in ((20, 0, 0), (0, 20, 0), (0, 0, 20), (-20, -20, 0), (20, -20, 20))],
-      [run(f"vignette r={r:g} s={s:g}", centre.replace(vignette_radius=r, vignette_strength=s))
-       for r, s in ((0.0, 0.5), (0.5, 0.5), (0.0, 0.98), (0.5, 0.98), (0.8, 0.98))],
-      [run("barrel d=65", lens(augment.LENS_BARREL, 65)),
-       run("barrel d=30", lens(augment.LENS_BARREL, 30)),
-       run("pincushion d=65", lens(augment.LENS_PINCUSHION, 65)),
-       run("stretch h d=65", lens(augment.LENS_STRETCH_H, 65)),
-       run("stretch v d=65", lens(augment.LENS_STRETCH_V, 65))],
-      [run(f"rotate {d:+d} deg", centre.replace(rotation=d)) for d in (-10, -5, 5, 10)],
+    [
+      run("original (centre crop)", centre),
+      run("crop top-left", augment.AugmentParams.identity(crop)),
+      run("crop bottom-right", augment.AugmentParams.identity(crop, h - crop - 1, w - crop - 1)),
+      run("flip", centre.replace(flip=True)),
+    ],
+    [
+      run(f"cast RGB {s[0]:+d} {s[1]:+d} {s[2]:+d}", centre.replace(color_shift=s))
+      for s in ((20, 0, 0), (0, 20, 0), (0, 0, 20), (-20, -20, 0), (20, -20, 20))
+    ],
+    [
+      run(f"vignette r={r:g} s={s:g}", centre.replace(vignette_radius=r, vignette_strength=s))
+      for r, s in ((0.0, 0.5), (0.5, 0.5), (0.0, 0.98), (0.5, 0.98), (0.8, 0.98))
+    ],
+    [
+      run("barrel d=65", lens(augment.LENS_BARREL, 65)),
+      run("barrel d=30", lens(augment.LENS_BARREL, 30)),
+      run("pincushion d=65", lens(augment.LENS_PINCUSHION, 65)),
+      run("stretch h d=65", lens(augment.LENS_STRETCH_H, 65)),
+      run("stretch v d=65", lens(augment.LENS_STRETCH_V, 65)),
+    ],
+    [run(f"rotate {d:+d} deg", centre.replace(rotation=d)) for d in (-10, -5, 5, 10)],
   ]
   cfg = augment.default_config()
   cfg.crop_size = crop
   for name in ("rotation", "lens_distortion", "vignetting", "color_cast"):
     cfg[name].probability = 1.0
   rng = np.random.default_rng(seed)
-  rows.append([run(f"all, draw {i}", augment.sample_params(rng, cfg, (h, w)))
-               for i in range(columns)])
+  rows.append(
+    [run(f"all, draw {i}", augment.sample_params(rng, cfg, (h, w))) for i in range(columns)]
+  )
   return rows
 
 
@@ -86,13 +95,21 @@ def tile(rows, columns: int) -> np.ndarray:
   for r, row in enumerate(rows):
     for k, (label, img) in enumerate(row[:columns]):
       y, x = _GAP + r * cell_h, _GAP + k * cell_w
-      canvas[y:y + c, x:x + c] = img
+      canvas[y : y + c, x : x + c] = img
       # Shrink long labels to the tile width rather than let them run into the next tile.
       scale = 0.45
       (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
       scale *= min(1.0, (c - 4) / tw)
-      cv2.putText(canvas, label, (x + 2, y + c + 16), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                  (0, 0, 0), 1, cv2.LINE_AA)
+      cv2.putText(
+        canvas,
+        label,
+        (x + 2, y + c + 16),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+      )
   return canvas
 
 

@@ -28,8 +28,9 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-  return cv2.warpAffine(image, matrix[:2], (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REFLECT_101)
+  return cv2.warpAffine(
+    image, matrix[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+  )
 
 
 def _rotation(centre: float, degrees: float) -> np.ndarray:
@@ -38,12 +39,12 @@ def _rotation(centre: float, degrees: float) -> np.ndarray:
 
 def test_space_sizes_match_table1():
   assert augment.space_sizes(augment.default_config(), (512, 512)) == {
-      "Color casting": 68_920,
-      "Vignetting": 1_960,
-      "Lens distortion": 260,
-      "Rotation": 20,
-      "Flipping": 2,
-      "Cropping": 82_944,
+    "Color casting": 68_920,
+    "Vignetting": 1_960,
+    "Lens distortion": 260,
+    "Rotation": 20,
+    "Flipping": 2,
+    "Cropping": 82_944,
   }
 
 
@@ -75,8 +76,9 @@ def test_sampling_is_deterministic_from_seed():
   a, b, other = draw(7), draw(7), draw(8)
   for f in augment.AugmentParams.ARRAY_FIELDS:
     np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
-  assert any(not np.array_equal(getattr(a, f), getattr(other, f))
-             for f in augment.AugmentParams.ARRAY_FIELDS)
+  assert any(
+    not np.array_equal(getattr(a, f), getattr(other, f)) for f in augment.AugmentParams.ARRAY_FIELDS
+  )
   np.testing.assert_array_equal(augment.apply(ASTRONAUT, a), augment.apply(ASTRONAUT, b))
 
 
@@ -103,9 +105,11 @@ def test_samples_stay_in_the_discrete_spaces():
     assert 0 <= p.crop_y < 300 - c and 0 <= p.crop_x < 451 - c
     assert p.rotation == 0 or int(p.rotation) in augment.ROTATION_DEGREES
     assert (p.lens_kind, p.lens_degree) == (0, 0) or (
-        p.lens_kind in kinds and p.lens_degree in degrees)
+      p.lens_kind in kinds and p.lens_degree in degrees
+    )
     assert p.vignette_strength == 0 or (
-        p.vignette_radius in np.float32(radii) and p.vignette_strength in np.float32(strengths))
+      p.vignette_radius in np.float32(radii) and p.vignette_strength in np.float32(strengths)
+    )
     assert np.all(np.abs(p.color_shift) <= 20)
     seen["rot"].add(float(p.rotation))
     seen["cast"].update(p.color_shift.tolist())
@@ -166,9 +170,9 @@ def test_radial_lens_distortion_matches_opencv_undistort_map(kind, sign):
   cc = 255.5
   camera = np.array([[cc * math.sqrt(2), 0, cc], [0, cc * math.sqrt(2), cc], [0, 0, 1]])
   map_x, map_y = cv2.initUndistortRectifyMap(
-      camera, np.array([k, 0, 0, 0], np.float64), None, camera, (512, 512), cv2.CV_32FC1)
-  expected = cv2.remap(ASTRONAUT, map_x, map_y, cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REFLECT_101)
+    camera, np.array([k, 0, 0, 0], np.float64), None, camera, (512, 512), cv2.CV_32FC1
+  )
+  expected = cv2.remap(ASTRONAUT, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
   p = augment.AugmentParams.identity(512).replace(lens_kind=kind, lens_degree=degree)
   out = augment.apply(ASTRONAUT, p)
   assert _mad(out, expected) <= 1.0
@@ -182,15 +186,15 @@ def test_barrel_on_a_crop_samples_the_surrounding_image():
   # A barrel map pulls pixels from outside the crop; they must be the real neighbours.
   c, y0, x0, degree = 224, 40, 120, 65
   p = augment.AugmentParams.identity(c, crop_y=y0, crop_x=x0).replace(
-      lens_kind=augment.LENS_BARREL, lens_degree=degree)
+    lens_kind=augment.LENS_BARREL, lens_degree=degree
+  )
   cc = (c - 1) / 2
   u, v = np.meshgrid(np.arange(c, dtype=np.float64), np.arange(c, dtype=np.float64))
   radial = 1 + degree / augment.LENS_DEGREE_SCALE * ((u - cc) ** 2 + (v - cc) ** 2) / (2 * cc**2)
   map_x = ((u - cc) * radial + cc + x0).astype(np.float32)
   map_y = ((v - cc) * radial + cc + y0).astype(np.float32)
   assert map_x.min() < x0 and map_y.max() > y0 + c  # The map does leave the crop.
-  expected = cv2.remap(CHELSEA, map_x, map_y, cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REFLECT_101)
+  expected = cv2.remap(CHELSEA, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
   assert _mad(augment.apply(CHELSEA, p), expected) <= 1.0
 
 
@@ -257,9 +261,13 @@ def test_stack_params_batches_and_checks_crop_size():
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "experiments.augmentations", *args],
-                        capture_output=True, text=True, timeout=60,
-                        cwd=pathlib.Path(__file__).resolve().parents[1])
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.augmentations", *args],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
 
 
 def test_table_script_prints_table1_and_rejects_unknown_flags():
@@ -277,9 +285,12 @@ def test_table_script_prints_table1_and_rejects_unknown_flags():
 
 def test_gallery_script_writes_a_png_grid(tmp_path):
   done = subprocess.run(
-      [sys.executable, "-m", "experiments.gallery", f"--out={tmp_path}", "--columns=3"],
-      capture_output=True, text=True, timeout=60,
-      cwd=pathlib.Path(__file__).resolve().parents[1])
+    [sys.executable, "-m", "experiments.gallery", f"--out={tmp_path}", "--columns=3"],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
   assert done.returncode == 0, done.stderr
   grid = cv2.imread(str(tmp_path / "augmentations.png"))
   assert grid is not None and grid.shape[1] > 3 * 224 and grid.shape[0] > 6 * 224

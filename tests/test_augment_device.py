@@ -8,10 +8,12 @@ import skimage.data
 from deep_image.data import augment, augment_device
 
 SIZE = 320  # Source side: large enough for 224 crops, small enough for a quick CPU test.
-PHOTOS = np.stack([
+PHOTOS = np.stack(
+  [
     cv2.resize(skimage.data.astronaut(), (SIZE, SIZE), interpolation=cv2.INTER_AREA),
     cv2.resize(skimage.data.chelsea(), (SIZE, SIZE), interpolation=cv2.INTER_AREA),
-])  # uint8 [2, SIZE, SIZE, 3]
+  ]
+)  # uint8 [2, SIZE, SIZE, 3]
 
 
 def _batch(seed: int, batch: int = 6):

@@ -104,28 +104,35 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.crop = ml_collections.ConfigDict({"enabled": True})
   cfg.flip = ml_collections.ConfigDict({"enabled": True, "probability": 0.5})
   cfg.rotation = ml_collections.ConfigDict(
-      {"enabled": True, "probability": 0.5, "max_degrees": max(ROTATION_DEGREES)})
-  cfg.lens_distortion = ml_collections.ConfigDict({
+    {"enabled": True, "probability": 0.5, "max_degrees": max(ROTATION_DEGREES)}
+  )
+  cfg.lens_distortion = ml_collections.ConfigDict(
+    {
       "enabled": True,
       "probability": 0.5,
       "kinds": LENS_KINDS,
       "max_degree": max(LENS_DEGREES),
-  })
-  cfg.vignetting = ml_collections.ConfigDict({
+    }
+  )
+  cfg.vignetting = ml_collections.ConfigDict(
+    {
       "enabled": True,
       "probability": 0.5,
       "min_radius": min(VIGNETTE_RADII),
       "max_radius": max(VIGNETTE_RADII),
       "min_strength": min(VIGNETTE_STRENGTHS),
       "max_strength": max(VIGNETTE_STRENGTHS),
-  })
-  cfg.color_cast = ml_collections.ConfigDict({
+    }
+  )
+  cfg.color_cast = ml_collections.ConfigDict(
+    {
       "enabled": True,
       "probability": 0.5,
       # The paper's three Booleans: each channel is altered with this probability.
       "channel_probability": 0.5,
       "max_shift": max(COLOR_SHIFTS),
-  })
+    }
+  )
   return cfg
 
 
@@ -143,8 +150,10 @@ def color_shift_values(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 def vignette_values(cfg: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Allowed (radii, strengths) under the config's bounds."""
   v = cfg.vignetting
-  return (_within(VIGNETTE_RADII, v.min_radius, v.max_radius),
-          _within(VIGNETTE_STRENGTHS, v.min_strength, v.max_strength))
+  return (
+    _within(VIGNETTE_RADII, v.min_radius, v.max_radius),
+    _within(VIGNETTE_STRENGTHS, v.min_strength, v.max_strength),
+  )
 
 
 def lens_values(cfg: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -171,8 +180,8 @@ def crop_offsets(image_size: int, crop_size: int) -> int:
 
 
 def space_sizes(
-    cfg: ml_collections.ConfigDict | None = None,
-    image_hw: tuple[int, int] = (TABLE1_IMAGE_SIZE, TABLE1_IMAGE_SIZE),
+  cfg: ml_collections.ConfigDict | None = None,
+  image_hw: tuple[int, int] = (TABLE1_IMAGE_SIZE, TABLE1_IMAGE_SIZE),
 ) -> dict[str, int]:
   """Number of possible changes of each augmentation (Table 1), from the grids above.
 
@@ -189,12 +198,12 @@ def space_sizes(
   kinds, degrees = lens_values(cfg)
   c = cfg.crop_size
   return {
-      "Color casting": len(color_shift_values(cfg)) ** 3 - 1,
-      "Vignetting": len(radii) * len(strengths),
-      "Lens distortion": len(kinds) * len(degrees),
-      "Rotation": len(rotation_values(cfg)),
-      "Flipping": len(FLIP_STATES),
-      "Cropping": crop_offsets(image_hw[0], c) * crop_offsets(image_hw[1], c),
+    "Color casting": len(color_shift_values(cfg)) ** 3 - 1,
+    "Vignetting": len(radii) * len(strengths),
+    "Lens distortion": len(kinds) * len(degrees),
+    "Rotation": len(rotation_values(cfg)),
+    "Flipping": len(FLIP_STATES),
+    "Cropping": crop_offsets(image_hw[0], c) * crop_offsets(image_hw[1], c),
   }
 
 
@@ -229,17 +238,33 @@ class AugmentParams:
   color_shift: np.ndarray
   crop_size: int
 
-  ARRAY_FIELDS = ("crop_y", "crop_x", "flip", "rotation", "lens_kind", "lens_degree",
-                  "vignette_radius", "vignette_strength", "color_shift")
+  ARRAY_FIELDS = (
+    "crop_y",
+    "crop_x",
+    "flip",
+    "rotation",
+    "lens_kind",
+    "lens_degree",
+    "vignette_radius",
+    "vignette_strength",
+    "color_shift",
+  )
 
   @classmethod
   def identity(cls, crop_size: int, crop_y: int = 0, crop_x: int = 0) -> AugmentParams:
     """A plain crop at (crop_y, crop_x) with every other augmentation off."""
     return cls(
-        crop_y=np.int32(crop_y), crop_x=np.int32(crop_x), flip=np.bool_(False),
-        rotation=np.float32(0), lens_kind=np.int32(LENS_NONE), lens_degree=np.int32(0),
-        vignette_radius=np.float32(0), vignette_strength=np.float32(0),
-        color_shift=np.zeros(3, np.int32), crop_size=int(crop_size))
+      crop_y=np.int32(crop_y),
+      crop_x=np.int32(crop_x),
+      flip=np.bool_(False),
+      rotation=np.float32(0),
+      lens_kind=np.int32(LENS_NONE),
+      lens_degree=np.int32(0),
+      vignette_radius=np.float32(0),
+      vignette_strength=np.float32(0),
+      color_shift=np.zeros(3, np.int32),
+      crop_size=int(crop_size),
+    )
 
   def replace(self, **changes) -> AugmentParams:
     """A copy with fields changed, values cast to each field's dtype."""
@@ -267,10 +292,10 @@ def _pick(u: float, values: Sequence):
 
 
 def sample_params(
-    rng: np.random.Generator,
-    cfg: ml_collections.ConfigDict,
-    image_hw: tuple[int, int],
-    crop_size: int | None = None,
+  rng: np.random.Generator,
+  cfg: ml_collections.ConfigDict,
+  image_hw: tuple[int, int],
+  crop_size: int | None = None,
 ) -> AugmentParams:
   """Draws one image's augmentation from the config's discrete spaces.
 
@@ -320,10 +345,17 @@ def sample_params(
         shift[ch] = _pick(u[_U_CAST_SHIFT + ch], shifts)
 
   return AugmentParams(
-      crop_y=np.int32(crop_y), crop_x=np.int32(crop_x), flip=np.bool_(flip),
-      rotation=np.float32(rotation), lens_kind=np.int32(lens_kind),
-      lens_degree=np.int32(lens_degree), vignette_radius=np.float32(radius),
-      vignette_strength=np.float32(strength), color_shift=shift, crop_size=c)
+    crop_y=np.int32(crop_y),
+    crop_x=np.int32(crop_x),
+    flip=np.bool_(flip),
+    rotation=np.float32(rotation),
+    lens_kind=np.int32(lens_kind),
+    lens_degree=np.int32(lens_degree),
+    vignette_radius=np.float32(radius),
+    vignette_strength=np.float32(strength),
+    color_shift=shift,
+    crop_size=c,
+  )
 
 
 def lens_coefficients(lens_kind, lens_degree, xp=np):
@@ -375,8 +407,10 @@ def _buffers(crop_size: int) -> tuple[list[np.ndarray], np.ndarray]:
   # size sit above glibc's mmap threshold, and fresh ones cost page faults on every image.
   bufs = getattr(_scratch, "bufs", None)
   if bufs is None or bufs[1].shape[0] != crop_size:
-    bufs = ([np.empty((crop_size, crop_size), np.float32) for _ in range(5)],
-            np.empty((crop_size, crop_size, 3), np.float32))
+    bufs = (
+      [np.empty((crop_size, crop_size), np.float32) for _ in range(5)],
+      np.empty((crop_size, crop_size, 3), np.float32),
+    )
     _scratch.bufs = bufs
   return bufs
 
@@ -407,8 +441,7 @@ def sampling_grid(params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
   c = params.crop_size
   dx, dy, r2, _ = base_grid(c)
   (mx, my, tx, ty, tmp), _ = _buffers(c)
-  k, sx, sy = (float(v) for v in lens_coefficients(int(params.lens_kind),
-                                                   int(params.lens_degree)))
+  k, sx, sy = (float(v) for v in lens_coefficients(int(params.lens_kind), int(params.lens_degree)))
   if k != 0.0:
     np.multiply(r2, np.float32(k), out=tmp)
     tmp += np.float32(1.0)
@@ -433,8 +466,12 @@ def sampling_grid(params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
   return mx, my
 
 
-def vignette_gain(radius: float, strength: float, crop_size: int,
-                  scratch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def vignette_gain(
+  radius: float,
+  strength: float,
+  crop_size: int,
+  scratch: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
   """Vignetting gain, float32 [c, c].
 
   gain = 1 - strength * smoothstep(t), t = clip((r - radius) / (1 - radius), 0, 1), with r
@@ -481,7 +518,7 @@ def apply(image: np.ndarray, params: AugmentParams) -> np.ndarray:
   y0, x0 = int(params.crop_y), int(params.crop_x)
   if _is_axis_aligned(params) and y0 + c <= image.shape[0] and x0 + c <= image.shape[1]:
     # Crop and flip alone move whole pixels: slicing is exact and skips the resampling.
-    out = image[y0:y0 + c, x0:x0 + c]
+    out = image[y0 : y0 + c, x0 : x0 + c]
     out = np.ascontiguousarray(out[:, ::-1] if params.flip else out)
   else:
     map_x, map_y = sampling_grid(params)

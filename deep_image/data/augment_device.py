@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from deep_image.data import augment
 
 jax.tree_util.register_dataclass(
-    augment.AugmentParams,
-    data_fields=list(augment.AugmentParams.ARRAY_FIELDS),
-    meta_fields=["crop_size"],
+  augment.AugmentParams,
+  data_fields=list(augment.AugmentParams.ARRAY_FIELDS),
+  meta_fields=["crop_size"],
 )
 
 
