@@ -1,0 +1,597 @@
+"""Turns an image folder into checked ArrayRecord shards (format: `array_record_source`).
+
+Layouts:
+  * class folders: SRC/<class>/**/<image> (ImageNet's train/<wnid>/*.JPEG too). Files directly
+    in SRC are reported as skipped.
+  * flat folder + label file (ImageNet's val): SRC/**/<image> and a file that maps a file name
+    to a class name: a JSON object {"name": "class"}, or text lines `name class` / `name,class`
+    (extra fields after the class are ignored, so Kaggle's LOC_val_solution.csv works; lines
+    starting with '#' are comments). `name` may be the path relative to SRC, the base name, or
+    the base name without extension.
+
+Label ids are positions in the sorted class names (numerically sorted when every name is an
+integer), or in a `classes.json` passed as `classes=` so a validation folder gets the training
+folder's ids. Files are visited in sorted relative-path order and assigned to shards in
+contiguous runs, so the same SRC and options give byte-identical output.
+
+Every file is decoded with Pillow. What a reader would trip over is converted to an 8-bit RGB
+JPEG (quality `jpeg_quality`): grayscale / CMYK / palette / 16-bit / alpha (composited over
+white, because transparent pixels hold arbitrary colours) images, non-JPEG formats under any
+name, EXIF-rotated JPEGs (rotated upright, because the JPEG is re-encoded without EXIF), and
+multi-frame files (first frame). A valid RGB JPEG keeps its original bytes. Skipped: empty,
+unreadable, unidentifiable, truncated or corrupt files, images with more than
+`max_image_pixels` pixels (Pillow's `Image.MAX_IMAGE_PIXELS` decompression-bomb guard, set to
+that value while checking), images whose shorter side is below `min_side` (default 8 px: a
+224 crop of such an image is an upsampling blur with no content), and float images. Nothing
+is dropped silently: `DST/prepare_report.json` lists every converted and skipped file.
+
+Crash safety: the old manifest is removed before anything else is written, each shard is
+written under a hidden temporary name, fsynced and atomically renamed, and `manifest.json`
+(shard names, record counts, sizes, sha256) is written last the same way. The reader accepts
+only a manifest and the shards it lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+
+from deep_image.data import array_record_source as ars
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default guard (~ 0.25 GiB of RGB).
+DEFAULT_MIN_SIDE = 8
+DEFAULT_JPEG_QUALITY = 95
+# Auto shard count aims at shards of about this many source bytes: big enough for efficient
+# sequential copies, small enough that ImageNet (~140 GB) gives hundreds of shards to spread
+# over hosts.
+SHARD_TARGET_BYTES = 256 << 20
+# Formats Pillow may try (its JPEG opener also covers multi-picture MPO files). Without a
+# list, lenient decoders (TGA, ICO, ...) can "identify" random bytes as an image.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Image records are already compressed; group_size:1 keeps every record individually
+# addressable, which random access (shuffling) needs.
+WRITER_OPTIONS = "group_size:1,uncompressed"
+_SHARD_RE = re.compile(r"^data-\d{5}-of-\d{5}\.array_record$")
+_TMP_RE = re.compile(r"^\.(data-\d{5}-of-\d{5}\.array_record|[a-z_]+\.json)\.tmp$")
+# Pillow's exif_transpose table: EXIF orientation -> transpose that makes the image upright.
+_ORIENTATION_TRANSPOSE = {
+  2: Image.Transpose.FLIP_LEFT_RIGHT,
+  3: Image.Transpose.ROTATE_180,
+  4: Image.Transpose.FLIP_TOP_BOTTOM,
+  5: Image.Transpose.TRANSPOSE,
+  6: Image.Transpose.ROTATE_270,
+  7: Image.Transpose.TRANSVERSE,
+  8: Image.Transpose.ROTATE_90,
+}
+
+
+class SkipImage(Exception):
+  """The file cannot be used; `str(e)` is the reason that goes into the report."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckOptions:
+  """How `check_image` judges a file."""
+
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+  min_side: int = DEFAULT_MIN_SIDE
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+  """What `prepare` did: the same content as DST/prepare_report.json, plus the summary line."""
+
+  written: int
+  converted: list[dict[str, Any]]
+  skipped: list[dict[str, str]]
+  shards: list[dict[str, Any]]
+  classes: list[str]
+  summary: str
+
+
+# --------------------------------------------------------------------------- checking images
+
+
+class _PillowGuards:
+  """Sets Pillow's process-wide bomb limit and strict truncation for the `with` body."""
+
+  def __init__(self, max_image_pixels: int):
+    self.max_image_pixels = max_image_pixels
+
+  def __enter__(self):
+    # Registers every plugin: open(formats=...) looks plugins up without loading them first,
+    # so a not-yet-loaded one (MPO, WEBP, TIFF) would raise KeyError for any file.
+    Image.init()
+    self._saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # Someone may have relaxed it; we must not.
+
+  def __exit__(self, *exc):
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = self._saved
+
+
+def _has_alpha(img: Image.Image) -> bool:
+  return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _to_rgb(img: Image.Image, conversions: list[str]) -> Image.Image:
+  """Any Pillow mode -> 8-bit 'RGB', appending what it did to `conversions`."""
+  mode = img.mode
+  if mode == "RGB" and not _has_alpha(img):
+    return img
+  if mode.startswith("I;16") or mode == "I":
+    # Pillow's own I;16 -> RGB conversion clips at 255 instead of scaling: scale by hand.
+    # 'I' (32-bit) is treated as 16-bit data, which is what PNG/TIFF give in that mode.
+    wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    conversions.append(f"mode {mode} (16-bit) -> 8-bit RGB")
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+  if mode == "F":
+    raise SkipImage("unsupported float image (mode F)")
+  if _has_alpha(img):
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    conversions.append(f"mode {mode} with alpha -> RGB over white")
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  conversions.append(f"mode {mode} -> RGB")
+  return img.convert("RGB")
+
+
+def check_image(data: bytes, options: CheckOptions = CheckOptions()) -> tuple[bytes, list[str]]:
+  """Decodes `data` fully and returns what to store.
+
+  Args:
+    data: the file's bytes.
+    options: limits and JPEG quality.
+
+  Returns:
+    (jpeg, conversions): an 8-bit RGB JPEG (the original bytes when `data` already is one and
+    needs no rotation) and the list of conversions applied (empty when kept as is).
+
+  Raises:
+    SkipImage: the file cannot be used; the message is the reason.
+  """
+  if not data:
+    raise SkipImage("empty file (0 bytes)")
+  with _PillowGuards(options.max_image_pixels):
+    try:
+      img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as e:
+      raise SkipImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+      raise SkipImage(
+        f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+      ) from None
+    except (OSError, ValueError) as e:  # Pillow turns other plugin errors into the above.
+      raise SkipImage(f"corrupt header: {type(e).__name__}: {e}") from None
+    width, height = img.size
+    if width * height > options.max_image_pixels:
+      # Pillow only raises above twice its limit (it warns in between): enforce the limit.
+      raise SkipImage(
+        f"decompression bomb guard: {width}x{height} = {width * height} pixels > "
+        f"max_image_pixels {options.max_image_pixels}"
+      )
+    if min(width, height) < options.min_side:
+      raise SkipImage(
+        f"too small: {width}x{height}, shorter side below min_side {options.min_side}"
+      )
+    try:
+      img.load()
+    except Exception as e:  # Truncated data is an OSError; broken streams raise others.
+      raise SkipImage(f"truncated or corrupt: {type(e).__name__}: {e}") from None
+    image_format = img.format
+    num_frames = getattr(img, "n_frames", 1)
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    if image_format == "JPEG" and img.mode == "RGB" and orientation == 1:
+      return data, []
+    conversions: list[str] = []
+    if num_frames > 1:
+      conversions.append(f"first of {num_frames} frames")
+    rgb = _to_rgb(img, conversions)
+    if orientation in _ORIENTATION_TRANSPOSE:
+      rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
+      conversions.append(f"EXIF orientation {orientation} applied")
+    if image_format != "JPEG":
+      conversions.append(f"format {image_format} -> JPEG")
+    if not conversions:
+      conversions.append("re-encoded as JPEG")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=options.jpeg_quality)
+    return buffer.getvalue(), conversions
+
+
+def _check_file(src: str, relpath: str, options: CheckOptions) -> tuple[str, Any, Any]:
+  """Reads and checks one file: ('ok', jpeg, conversions) or ('skip', reason, None).
+
+  Top-level so a spawn worker can unpickle it. Only a problem that is not about the file's
+  content (a bug, memory) propagates, and it names the file.
+  """
+  path = os.path.join(src, relpath)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except PermissionError:
+    return "skip", "unreadable: permission denied", None
+  except OSError as e:
+    return "skip", f"unreadable: {e.strerror or e}", None
+  try:
+    jpeg, conversions = check_image(data, options)
+  except SkipImage as e:
+    return "skip", str(e), None
+  except Exception as e:
+    raise RuntimeError(f"{path}: unexpected error while checking: {type(e).__name__}: {e}") from e
+  return "ok", jpeg, conversions
+
+
+# --------------------------------------------------------------------------- finding examples
+
+
+def _sort_classes(names: Sequence[str]) -> list[str]:
+  """Sorted class names; numeric order when every name is an integer ('2' before '10')."""
+  names = sorted(set(names))
+  if names and all(n.isdigit() for n in names):
+    return sorted(names, key=int)
+  return names
+
+
+def read_labels(path: str) -> dict[str, str]:
+  """Parses a label file (formats in the module docstring) into {name: class}."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except OSError as e:
+    raise FileNotFoundError(f"--labels {path}: cannot read: {e.strerror or e}") from e
+  if path.endswith(".json"):
+    mapping = json.loads(text)
+    if not isinstance(mapping, dict):
+      raise ValueError(f"--labels {path}: expected a JSON object {{file name: class}}")
+    return {str(k): str(v) for k, v in mapping.items()}
+  mapping = {}
+  for number, line in enumerate(text.splitlines(), start=1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    fields = re.split(r"[,\s]+", line)
+    if len(fields) < 2:
+      raise ValueError(f"--labels {path}:{number}: expected 'name class', got {line!r}")
+    mapping[fields[0]] = fields[1]
+  if not mapping:
+    raise ValueError(f"--labels {path}: no labels in the file")
+  return mapping
+
+
+def _walk_files(src: str, skipped: list[dict[str, str]]) -> list[str]:
+  """All file paths under `src`, relative, POSIX, sorted; unlistable folders go to `skipped`."""
+
+  def on_error(error: OSError):
+    rel = os.path.relpath(error.filename, src).replace(os.sep, "/")
+    skipped.append({"path": rel + "/", "reason": f"unreadable folder: {error.strerror}"})
+
+  files = []
+  for root, dirs, names in os.walk(src, onerror=on_error, followlinks=True):
+    dirs.sort()
+    for name in names:
+      files.append(os.path.relpath(os.path.join(root, name), src).replace(os.sep, "/"))
+  return sorted(files)
+
+
+def find_examples(
+  src: str, labels: str | None = None, classes: str | None = None
+) -> tuple[list[tuple[str, int]], list[dict[str, str]], list[str], int]:
+  """Lists what to check under `src`.
+
+  Args:
+    src: source folder.
+    labels: optional label file; given -> flat layout, else class-folder layout.
+    classes: optional classes.json (JSON list of names) fixing the label ids.
+
+  Returns:
+    (examples, skipped, class_names, num_files): (relative path, label id) pairs in sorted
+    path order; files skipped before decoding ({'path', 'reason'}); the class names (index =
+    label id); the number of files found.
+
+  Raises:
+    FileNotFoundError / NotADirectoryError: `src` does not exist or is not a folder.
+    ValueError: `src` holds no files, or no class folders and no label file.
+  """
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"--src {src} does not exist")
+  if not os.path.isdir(src):
+    raise NotADirectoryError(f"--src {src} is not a folder")
+  skipped: list[dict[str, str]] = []
+  files = _walk_files(src, skipped)
+  if not files:
+    raise ValueError(f"--src {src} contains no files")
+  fixed_classes = None
+  if classes is not None:
+    with open(classes, encoding="utf-8") as f:
+      fixed_classes = json.load(f)
+    if not isinstance(fixed_classes, list) or not all(isinstance(c, str) for c in fixed_classes):
+      raise ValueError(f"--classes {classes}: expected a JSON list of class names")
+
+  def is_hidden(rel: str) -> bool:
+    # Editor/OS droppings (.DS_Store, .ipynb_checkpoints/) must not become classes or images.
+    return any(part.startswith(".") for part in rel.split("/"))
+
+  named: list[tuple[str, str]] = []  # (relative path, class name)
+  if labels is None:
+    folders = sorted(
+      d for d in os.listdir(src) if not d.startswith(".") and os.path.isdir(os.path.join(src, d))
+    )
+    if not folders:
+      raise ValueError(
+        f"--src {src} has no class folders (SRC/<class>/<image>) and no --labels file maps "
+        "its files to classes"
+      )
+    class_names = fixed_classes if fixed_classes is not None else _sort_classes(folders)
+    for rel in files:
+      if is_hidden(rel):
+        skipped.append({"path": rel, "reason": "hidden file or folder"})
+      elif "/" not in rel:
+        skipped.append({"path": rel, "reason": "not inside a class folder"})
+      else:
+        named.append((rel, rel.split("/", 1)[0]))
+  else:
+    mapping = read_labels(labels)
+    for rel in files:
+      base = rel.rsplit("/", 1)[-1]
+      name = mapping.get(rel, mapping.get(base, mapping.get(os.path.splitext(base)[0])))
+      if is_hidden(rel):
+        skipped.append({"path": rel, "reason": "hidden file or folder"})
+      elif name is None:
+        skipped.append({"path": rel, "reason": f"no label in {os.path.basename(labels)}"})
+      else:
+        named.append((rel, name))
+    class_names = (
+      fixed_classes if fixed_classes is not None else _sort_classes([n for _, n in named])
+    )
+  ids = {name: i for i, name in enumerate(class_names)}
+  examples = []
+  for rel, name in named:
+    if name in ids:
+      examples.append((rel, ids[name]))
+    else:
+      skipped.append({"path": rel, "reason": f"class {name!r} not in --classes {classes}"})
+  return examples, skipped, list(class_names), len(files)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON (sorted keys, so reruns are byte-identical) via temp file + fsync + rename."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".{name}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync(directory)
+
+
+def shard_name(index: int, num_shards: int) -> str:
+  return f"data-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def _clear_old_output(dst: str) -> None:
+  """Invalidates a previous dataset in `dst` (manifest first), then removes its shards/temps."""
+  manifest = os.path.join(dst, ars.MANIFEST_NAME)
+  if os.path.exists(manifest):
+    os.remove(manifest)
+    _fsync(dst)
+  for name in os.listdir(dst):
+    if _SHARD_RE.match(name) or _TMP_RE.match(name):
+      os.remove(os.path.join(dst, name))
+
+
+class _Progress:
+  """Logs 'done/total (pct) rate, ETA' at most every `every_s` seconds, and at the end."""
+
+  def __init__(self, total: int, every_s: float):
+    self.total, self.every_s = total, every_s
+    self.start = self.last = time.monotonic()
+
+  def update(self, done: int, skipped: int) -> None:
+    now = time.monotonic()
+    if now - self.last < self.every_s and done < self.total:
+      return
+    self.last = now
+    elapsed = now - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    logging.info(
+      "prepare: %d/%d files (%.1f%%), %.1f files/s, elapsed %.0fs, ETA %.0fs, skipped %d",
+      done,
+      self.total,
+      100.0 * done / max(self.total, 1),
+      rate,
+      elapsed,
+      eta,
+      skipped,
+    )
+
+
+def _results(
+  src: str, examples: Sequence[tuple[str, int]], options: CheckOptions, num_workers: int
+) -> Iterator[tuple[str, Any, Any]]:
+  """`_check_file` results in `examples` order, computed by `num_workers` processes."""
+  check = functools.partial(_check_file, src, options=options)
+  paths = [rel for rel, _ in examples]
+  if num_workers <= 1:
+    yield from map(check, paths)
+    return
+  # spawn, not fork: the parent may hold JAX/XLA threads, which fork would copy broken.
+  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    yield from pool.imap(check, paths, chunksize=16)
+
+
+def prepare(
+  src: str,
+  dst: str,
+  *,
+  num_shards: int = 0,
+  labels: str | None = None,
+  classes: str | None = None,
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+  min_side: int = DEFAULT_MIN_SIDE,
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+  num_workers: int = 1,
+  log_every_s: float = 10.0,
+) -> PrepareResult:
+  """Checks every file under `src` and writes the usable ones as ArrayRecord shards in `dst`.
+
+  Args:
+    src: source folder (layouts in the module docstring).
+    dst: output folder; created if missing. A previous dataset there is replaced.
+    num_shards: shard count; 0 picks ceil(source bytes / 256 MiB). Capped at the number of
+      candidate files.
+    labels: label file for a flat folder (module docstring); None for class folders.
+    classes: classes.json fixing label ids (e.g. the train folder's, for validation).
+    max_image_pixels: decompression-bomb limit (width * height).
+    min_side: images with a shorter side below this are skipped.
+    jpeg_quality: quality of re-encoded JPEGs.
+    num_workers: processes that decode and check files (output is identical for any count).
+    log_every_s: progress log interval.
+
+  Returns:
+    a PrepareResult; the same data is in DST/prepare_report.json.
+
+  Raises:
+    FileNotFoundError, NotADirectoryError, ValueError: bad `src`, `labels` or `classes`, or
+      no file was usable (the report is still written then, the manifest is not).
+    RuntimeError: an unexpected error while checking a file (names the file).
+  """
+  src = os.path.abspath(src)
+  dst = os.path.abspath(dst)
+  if os.path.commonpath([src, dst]) == src:
+    raise ValueError(f"--dst {dst} must not be inside --src {src}: shards would be re-read")
+  options = CheckOptions(max_image_pixels, min_side, jpeg_quality)
+  examples, skipped, class_names, num_files = find_examples(src, labels, classes)
+  if num_shards <= 0:
+    total_bytes = sum(_size_or_zero(os.path.join(src, rel)) for rel, _ in examples)
+    num_shards = math.ceil(total_bytes / SHARD_TARGET_BYTES)
+  num_shards = max(1, min(num_shards, len(examples)))
+  try:
+    os.makedirs(dst, exist_ok=True)
+    _clear_old_output(dst)
+  except OSError as e:
+    raise OSError(f"--dst {dst}: cannot prepare the output folder: {e}") from e
+  logging.info(
+    "prepare: %s -> %s: %d files, %d candidates, %d classes, %d shards",
+    src,
+    dst,
+    num_files,
+    len(examples),
+    len(class_names),
+    num_shards,
+  )
+
+  converted: list[dict[str, Any]] = []
+  shards: list[dict[str, Any]] = []
+  results = _results(src, examples, options, num_workers)
+  progress = _Progress(len(examples), log_every_s)
+  done = written = 0
+  for index in range(num_shards):
+    name = shard_name(index, num_shards)
+    final = os.path.join(dst, name)
+    tmp = os.path.join(dst, f".{name}.tmp")
+    begin, end = index * len(examples) // num_shards, (index + 1) * len(examples) // num_shards
+    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    count = 0
+    try:
+      for rel, label in examples[begin:end]:
+        status, payload, conversions = next(results)
+        if status == "skip":
+          skipped.append({"path": rel, "reason": payload})
+        else:
+          writer.write(ars.encode_record(payload, label, rel))
+          count += 1
+          if conversions:
+            converted.append({"path": rel, "conversions": conversions})
+        done += 1
+        progress.update(done, len(skipped))
+      writer.close()
+    except BaseException:
+      # A crash must not leave a temp file that looks like output; a kill may, and the
+      # reader ignores it (not in the manifest) and the next run removes it.
+      writer.close()
+      os.remove(tmp)
+      results.close()
+      raise
+    _fsync(tmp)
+    os.replace(tmp, final)
+    shards.append(
+      {
+        "name": name,
+        "num_records": count,
+        "bytes": os.path.getsize(final),
+        "sha256": ars.sha256_file(final),
+      }
+    )
+    written += count
+  results.close()  # Shuts the worker pool down now rather than at garbage collection.
+  _fsync(dst)
+
+  skipped.sort(key=lambda s: s["path"])
+  report = {
+    "num_files": num_files,
+    "written": written,
+    "converted": converted,
+    "skipped": skipped,
+    "options": dataclasses.asdict(options),
+  }
+  report_path = os.path.join(dst, ars.REPORT_NAME)
+  _write_json_atomic(report_path, report)
+  _write_json_atomic(os.path.join(dst, ars.CLASSES_NAME), class_names)
+  if written == 0:
+    raise ValueError(
+      f"--src {src}: none of its {num_files} files could be used; reasons in {report_path}"
+    )
+  _write_json_atomic(
+    os.path.join(dst, ars.MANIFEST_NAME),
+    {
+      "format": ars.MANIFEST_FORMAT,
+      "num_records": written,
+      "num_classes": len(class_names),
+      "shards": shards,
+    },
+  )
+  summary = (
+    f"prepare: wrote {written} of {num_files} files to {num_shards} shards in {dst} "
+    f"({len(converted)} converted, {len(skipped)} skipped, {len(class_names)} classes); "
+    f"details in {report_path}"
+  )
+  logging.info("%s", summary)
+  return PrepareResult(written, converted, skipped, shards, class_names, summary)
+
+
+def _size_or_zero(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return 0  # Unreadable files are reported when checked; they only weigh on shard count.
