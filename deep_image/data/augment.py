@@ -291,9 +291,59 @@ def _pick(u: float, values: Sequence):
   return values[min(int(u * len(values)), len(values) - 1)]
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingSpace:
+  """A config's sampling choices as plain tuples and floats.
+
+  Reading a ConfigDict costs microseconds per field; a data pipeline builds this once per
+  config (`SamplingSpace.from_config`) and passes it to `sample_params` for every image.
+  A probability of 0 stands for a disabled augmentation.
+  """
+
+  crop_size: int
+  random_crop: bool
+  flip_probability: float
+  rotation_probability: float
+  rotations: tuple[int, ...]
+  lens_probability: float
+  lens_kinds: tuple[int, ...]
+  lens_degrees: tuple[int, ...]
+  vignette_probability: float
+  vignette_radii: tuple[float, ...]
+  vignette_strengths: tuple[float, ...]
+  cast_probability: float
+  cast_channel_probability: float
+  cast_shifts: tuple[int, ...]
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> SamplingSpace:
+    """Snapshot of a `default_config()`-shaped config (later edits to cfg are not seen)."""
+    on = lambda sub, *spaces: float(sub.probability) if sub.enabled and all(spaces) else 0.0
+    rotations = rotation_values(cfg)
+    kinds, degrees = lens_values(cfg)
+    radii, strengths = vignette_values(cfg)
+    shifts = color_shift_values(cfg)
+    return cls(
+      crop_size=int(cfg.crop_size),
+      random_crop=bool(cfg.crop.enabled),
+      flip_probability=on(cfg.flip),
+      rotation_probability=on(cfg.rotation, rotations),
+      rotations=rotations,
+      lens_probability=on(cfg.lens_distortion, kinds, degrees),
+      lens_kinds=kinds,
+      lens_degrees=degrees,
+      vignette_probability=on(cfg.vignetting, radii, strengths),
+      vignette_radii=radii,
+      vignette_strengths=strengths,
+      cast_probability=on(cfg.color_cast, shifts),
+      cast_channel_probability=float(cfg.color_cast.channel_probability),
+      cast_shifts=shifts,
+    )
+
+
 def sample_params(
   rng: np.random.Generator,
-  cfg: ml_collections.ConfigDict,
+  cfg: ml_collections.ConfigDict | SamplingSpace,
   image_hw: tuple[int, int],
   crop_size: int | None = None,
 ) -> AugmentParams:
@@ -301,48 +351,44 @@ def sample_params(
 
   Args:
     rng: the only source of randomness; the same generator state gives the same params.
-    cfg: `default_config()`-shaped config.
+    cfg: `default_config()`-shaped config, or its `SamplingSpace` (faster per call).
     image_hw: (H, W) of the source image, each >= crop_size.
     crop_size: side of the square crop; `cfg.crop_size` when None.
 
   Returns:
     AugmentParams of numpy scalars (color_shift int32 [3]).
   """
-  c = int(cfg.crop_size if crop_size is None else crop_size)
+  space = cfg if isinstance(cfg, SamplingSpace) else SamplingSpace.from_config(cfg)
+  c = space.crop_size if crop_size is None else int(crop_size)
   h, w = image_hw
   ny, nx = crop_offsets(h, c), crop_offsets(w, c)
-  u = rng.random(_NUM_UNIFORMS)
+  u = rng.random(_NUM_UNIFORMS).tolist()
 
-  if cfg.crop.enabled:
+  if space.random_crop:
     crop_y, crop_x = int(u[_U_CROP_Y] * ny), int(u[_U_CROP_X] * nx)
   else:
     crop_y, crop_x = (h - c) // 2, (w - c) // 2
-  flip = bool(cfg.flip.enabled and u[_U_FLIP] < cfg.flip.probability)
+  flip = u[_U_FLIP] < space.flip_probability
 
   rotation = 0
-  angles = rotation_values(cfg)
-  if cfg.rotation.enabled and angles and u[_U_ROT_ON] < cfg.rotation.probability:
-    rotation = _pick(u[_U_ROT], angles)
+  if u[_U_ROT_ON] < space.rotation_probability:
+    rotation = _pick(u[_U_ROT], space.rotations)
 
   lens_kind, lens_degree = LENS_NONE, 0
-  kinds, degrees = lens_values(cfg)
-  lc = cfg.lens_distortion
-  if lc.enabled and kinds and degrees and u[_U_LENS_ON] < lc.probability:
-    lens_kind, lens_degree = _pick(u[_U_LENS_KIND], kinds), _pick(u[_U_LENS_DEG], degrees)
+  if u[_U_LENS_ON] < space.lens_probability:
+    lens_kind = _pick(u[_U_LENS_KIND], space.lens_kinds)
+    lens_degree = _pick(u[_U_LENS_DEG], space.lens_degrees)
 
   radius, strength = 0.0, 0.0
-  radii, strengths = vignette_values(cfg)
-  vc = cfg.vignetting
-  if vc.enabled and radii and strengths and u[_U_VIG_ON] < vc.probability:
-    radius, strength = _pick(u[_U_VIG_RADIUS], radii), _pick(u[_U_VIG_STRENGTH], strengths)
+  if u[_U_VIG_ON] < space.vignette_probability:
+    radius = _pick(u[_U_VIG_RADIUS], space.vignette_radii)
+    strength = _pick(u[_U_VIG_STRENGTH], space.vignette_strengths)
 
-  shift = np.zeros(3, np.int32)
-  cc = cfg.color_cast
-  shifts = color_shift_values(cfg)
-  if cc.enabled and u[_U_CAST_ON] < cc.probability:
+  shift = [0, 0, 0]
+  if u[_U_CAST_ON] < space.cast_probability:
     for ch in range(3):
-      if u[_U_CAST_PICK + ch] < cc.channel_probability:
-        shift[ch] = _pick(u[_U_CAST_SHIFT + ch], shifts)
+      if u[_U_CAST_PICK + ch] < space.cast_channel_probability:
+        shift[ch] = _pick(u[_U_CAST_SHIFT + ch], space.cast_shifts)
 
   return AugmentParams(
     crop_y=np.int32(crop_y),
@@ -353,7 +399,7 @@ def sample_params(
     lens_degree=np.int32(lens_degree),
     vignette_radius=np.float32(radius),
     vignette_strength=np.float32(strength),
-    color_shift=shift,
+    color_shift=np.array(shift, np.int32),
     crop_size=c,
   )
 
