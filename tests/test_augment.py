@@ -294,3 +294,19 @@ def test_gallery_script_writes_a_png_grid(tmp_path):
   assert done.returncode == 0, done.stderr
   grid = cv2.imread(str(tmp_path / "augmentations.png"))
   assert grid is not None and grid.shape[1] > 3 * 224 and grid.shape[0] > 6 * 224
+
+
+@pytest.mark.parametrize(
+  "kind", [augment.LENS_NONE, augment.LENS_STRETCH_H, augment.LENS_STRETCH_V]
+)
+def test_affine_fast_path_is_the_sampling_grid(kind):
+  # apply() hands affine maps to cv2.warpAffine; it must be the map sampling_grid tabulates.
+  p = augment.AugmentParams.identity(224, crop_y=30, crop_x=150).replace(
+    flip=True, rotation=-7, lens_kind=kind, lens_degree=40 if kind else 0
+  )
+  assert augment.affine_matrix(p) is not None
+  map_x, map_y = augment.sampling_grid(p)
+  expected = cv2.remap(CHELSEA, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+  assert _mad(augment.resample(CHELSEA, p), expected) <= 0.05
+  barrel = p.replace(lens_kind=augment.LENS_BARREL, lens_degree=40)
+  assert augment.affine_matrix(barrel) is None

@@ -20,9 +20,11 @@ gives 288 and not 289).
 Everything but cropping is applied to the cropped image, as in the paper, but nothing is
 resampled twice: crop offset, flip, rotation and lens distortion / stretching are each a map
 from output pixel to source pixel, composed into ONE sampling grid over the uncropped image
-and resampled once with `cv2.remap` (bilinear, BORDER_REFLECT_101). Pixels that the
-geometric maps pull from outside the crop therefore come from the real image around the
-crop, and reflection only where they leave the whole image. Colour casting and vignetting
+and resampled once, bilinear with BORDER_REFLECT_101: `cv2.remap` of the grid, or, when the
+composed map is affine (no radial distortion), `cv2.warpAffine` of the same map, which skips
+building the grid in numpy, or slicing when it moves whole pixels (see `resample`). Pixels
+that the geometric maps pull from outside the crop therefore come from the real image around
+the crop, and reflection only where they leave the whole image. Colour casting and vignetting
 are then one multiply-add per pixel: out = round(clip(in * gain[y, x] + shift[c], 0, 255)).
 
 Sampling is deterministic from a `np.random.Generator`: one draw of `_NUM_UNIFORMS` uniforms
@@ -543,8 +545,61 @@ def vignette_gain(
   return poly
 
 
-def _is_axis_aligned(params: AugmentParams) -> bool:
-  return float(params.rotation) == 0.0 and int(params.lens_kind) == LENS_NONE
+def affine_matrix(params: AugmentParams) -> np.ndarray | None:
+  """`sampling_grid`'s map as a 2x3 matrix when it is affine, else None.
+
+  Crop, flip, rotation and stretching are affine; only radial lens distortion is not. The
+  matrix maps output pixel (u, v, 1) to source (x, y), the same map `sampling_grid` tabulates
+  (same centre, units and order), for cv2.warpAffine with WARP_INVERSE_MAP.
+
+  Returns:
+    float64 [2, 3], or None for barrel / pincushion.
+  """
+  k, sx, sy = (float(v) for v in lens_coefficients(int(params.lens_kind), int(params.lens_degree)))
+  if k != 0.0:
+    return None
+  angle = math.radians(float(params.rotation))
+  cos, sin = math.cos(angle), math.sin(angle)
+  f = -1.0 if params.flip else 1.0
+  cc = (params.crop_size - 1) / 2.0
+  linear = np.array([[f * cos / sx, -f * sin / sy], [sin / sx, cos / sy]])
+  centre = np.array([cc + float(params.crop_x), cc + float(params.crop_y)])
+  return np.hstack([linear, (centre - linear @ np.array([cc, cc]))[:, None]])
+
+
+def resample(image: np.ndarray, params: AugmentParams) -> np.ndarray:
+  """The geometric part of `apply`: one bilinear resampling of the composed map.
+
+  The map is `sampling_grid`'s, evaluated by the cheapest exact-enough OpenCV call: plain
+  slicing when it moves whole pixels (crop, flip; exact), cv2.warpAffine when it is affine
+  (adds rotation or stretching; OpenCV builds the same grid internally, without our float
+  arrays), cv2.remap of `sampling_grid` for radial lens distortion. All bilinear with
+  BORDER_REFLECT_101 about the whole source image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    params: one image's AugmentParams.
+
+  Returns:
+    uint8 [c, c, 3]; may be a view into `image` (plain crop without flip).
+  """
+  c = params.crop_size
+  y0, x0 = int(params.crop_y), int(params.crop_x)
+  axis_aligned = float(params.rotation) == 0.0 and int(params.lens_kind) == LENS_NONE
+  if axis_aligned and y0 + c <= image.shape[0] and x0 + c <= image.shape[1]:
+    out = image[y0 : y0 + c, x0 : x0 + c]
+    return np.ascontiguousarray(out[:, ::-1]) if params.flip else out
+  matrix = affine_matrix(params)
+  if matrix is not None:
+    return cv2.warpAffine(
+      image,
+      matrix,
+      (c, c),
+      flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+      borderMode=cv2.BORDER_REFLECT_101,
+    )
+  map_x, map_y = sampling_grid(params)
+  return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
 def apply(image: np.ndarray, params: AugmentParams) -> np.ndarray:
@@ -555,21 +610,13 @@ def apply(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     params: one image's AugmentParams (unbatched).
 
   Returns:
-    uint8 [c, c, 3]: the geometric maps resampled once (see `sampling_grid`), then
+    uint8 [c, c, 3], a new array: the geometric maps resampled once (`resample`), then
     round(clip(pixel * vignette_gain + color_shift, 0, 255)).
   """
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
     raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
   c = params.crop_size
-  y0, x0 = int(params.crop_y), int(params.crop_x)
-  if _is_axis_aligned(params) and y0 + c <= image.shape[0] and x0 + c <= image.shape[1]:
-    # Crop and flip alone move whole pixels: slicing is exact and skips the resampling.
-    out = image[y0 : y0 + c, x0 : x0 + c]
-    out = np.ascontiguousarray(out[:, ::-1] if params.flip else out)
-  else:
-    map_x, map_y = sampling_grid(params)
-    out = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-
+  out = resample(image, params)
   if np.shares_memory(out, image):
     out = out.copy()
 
