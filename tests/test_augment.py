@@ -216,11 +216,13 @@ def test_stretching_matches_warp_affine(kind):
 
 
 def test_color_cast_adds_exact_integers_with_clipping():
+  source = CHELSEA.copy()  # A plain crop is a view: the cast must not write through it.
   p = augment.AugmentParams.identity(224, crop_y=10, crop_x=20)
   crop = augment.apply(CHELSEA, p)
   out = augment.apply(CHELSEA, p.replace(color_shift=[-20, 0, 20]))
   expected = np.clip(crop.astype(np.int16) + np.array([-20, 0, 20]), 0, 255).astype(np.uint8)
   np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(CHELSEA, source)
 
 
 def test_vignetting_darkens_only_outside_its_radius():

@@ -450,14 +450,14 @@ def base_grid(crop_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 _scratch = threading.local()
 
 
-def _buffers(crop_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+def _buffers(crop_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
   # Per-thread scratch so a call allocates little more than its output image: arrays of this
   # size sit above glibc's mmap threshold, and fresh ones cost page faults on every image.
   bufs = getattr(_scratch, "bufs", None)
-  if bufs is None or bufs[1].shape[0] != crop_size:
+  if bufs is None or bufs[0][0].shape[0] != crop_size:
     bufs = (
       [np.empty((crop_size, crop_size), np.float32) for _ in range(5)],
-      np.empty((crop_size, crop_size, 3), np.float32),
+      [np.empty((crop_size, crop_size, 3), np.float32) for _ in range(2)],
     )
     _scratch.bufs = bufs
   return bufs
@@ -617,17 +617,18 @@ def apply(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
   c = params.crop_size
   out = resample(image, params)
-  if np.shares_memory(out, image):
-    out = out.copy()
+  # A plain crop is a view of `image`: never write into it or hand it out.
+  is_view = np.may_share_memory(out, image)
 
   strength = float(params.vignette_strength)
   # cv2 arithmetic takes a 4-vector scalar; its uint8 results saturate and round to nearest.
   shift = tuple(float(v) for v in np.asarray(params.color_shift)) + (0.0,)
   if strength != 0.0:
-    (b0, b1, _, _, _), f = _buffers(c)
+    (b0, b1, _, _, _), (gain3, product) = _buffers(c)
     gain = vignette_gain(float(params.vignette_radius), strength, c, scratch=(b0, b1))
-    cv2.multiply(out, cv2.merge((gain, gain, gain)), dst=f, dtype=cv2.CV_32F)
-    return cv2.add(f, shift, dtype=cv2.CV_8U)
+    cv2.merge((gain, gain, gain), dst=gain3)
+    cv2.multiply(out, gain3, dst=product, dtype=cv2.CV_32F)
+    return cv2.add(product, shift, dtype=cv2.CV_8U)
   if any(shift):
-    return cv2.add(out, shift, dst=out)
-  return out
+    return cv2.add(out, shift, dst=None if is_view else out)
+  return out.copy() if is_view else out
