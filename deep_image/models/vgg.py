@@ -73,6 +73,13 @@ class VGGSpec:
     return self.feature_map_size**2 * self.stages[-1][-1]
 
 
+def normalize_images(x: jax.Array) -> jax.Array:
+  """uint8 [..., C] pixels -> float32 (x - 127.5) / 64; float inputs pass through."""
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return (x.astype(jnp.float32) - 127.5) / 64.0
+  return x
+
+
 class FullyConnected(nn.Module):
   """A dense layer that can also run as a convolution.
 
@@ -160,8 +167,13 @@ class VGG(nn.Module):
     self.dropout = nn.Dropout(self.dropout_rate)
 
   def features(self, x: jax.Array) -> jax.Array:
-    """Conv stages. [B, H, W, C] -> [B, H / 2^S, W / 2^S, C_last] (compute dtype)."""
-    x = x.astype(self.dtype)
+    """Conv stages. [B, H, W, C] -> [B, H / 2^S, W / 2^S, C_last] (compute dtype).
+
+    uint8 images are normalised here, on device, so hosts ship 1 byte per
+    pixel: (x - 127.5) / 64 (64 is about the pixel standard deviation of
+    natural images).
+    """
+    x = normalize_images(x).astype(self.dtype)
     i = 0
     for stage in self.spec.stages:
       for _ in stage:

@@ -121,3 +121,16 @@ def logical_rules(parallel_cfg, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   else:
     model_axes = tuple(model_axes)
   return (("model", model_axes), ("batch", tuple(mesh.axis_names)))
+
+
+def configure_host_devices(num_devices: int) -> None:
+  """Simulate `num_devices` CPU devices unless XLA_FLAGS already fixes the count.
+
+  Call before JAX initialises its backends. It only changes the CPU backend's
+  device count, so a GPU or TPU machine still runs on its accelerators.
+  """
+  forced = forced_host_device_count()
+  if forced is not None:
+    logging.info("XLA_FLAGS sets %d host devices; parallel.num_devices is not used", forced)
+    return
+  jax.config.update("jax_num_cpu_devices", int(num_devices))

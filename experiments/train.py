@@ -1,0 +1,37 @@
+r"""Train a Deep Image model.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/run \
+      [--config.parallel.strategy=data --config.train.num_steps=100 ...]
+
+On a CPU-only machine, unless XLA_FLAGS already sets
+--xla_force_host_platform_device_count, the run simulates
+`config.parallel.num_devices` host devices (8 by default), so the default job
+exercises the multi-device code paths anywhere.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  # Must run before anything asks JAX for its devices.
+  from deep_image.parallel.mesh import configure_host_devices
+
+  configure_host_devices(config.parallel.num_devices)
+  from deep_image.train import train_and_evaluate
+
+  logging.info("config:\n%s", config)
+  train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
