@@ -127,7 +127,14 @@ def test_read_back_every_record(prepared):
     # EXIF orientation 6 turns the 64x48 picture upright into 48 wide, 64 high.
     want = (SIZE[0], SIZE[1]) if "rotated" in record["path"] else (SIZE[1], SIZE[0])
     assert image.shape[:2] == want, record["path"]
-  gradient = decode_image(records[written.index("chelsea/d_16bit.png")]["image"])
+
+  def decoded(rel):
+    return decode_image(records[written.index(rel)]["image"]).astype(np.int32)
+
+  # Converted colour/grey versions still show the same picture as the kept JPEG.
+  for rel in ("astronaut/b_gray.jpg", "astronaut/c_cmyk.jpg"):
+    assert np.abs(decoded(rel) - decoded("astronaut/a_good.jpg")).mean() < 40, rel
+  gradient = decoded("chelsea/d_16bit.png")
   # 16-bit 0..65535 ramp scaled to 0..255, not clipped at 255.
   assert gradient[0, 0, 0] < 10 and gradient[-1, -1, 0] > 245 and 100 < gradient.mean() < 155
   with pytest.raises(IndexError):
@@ -259,3 +266,12 @@ def test_permission_denied_is_skipped_even_as_root(tmp_path, monkeypatch):
   monkeypatch.setattr(prepare, "open", denied, raising=False)
   status, reason, _ = prepare._check_file(str(tmp_path), "x.jpg", prepare.CheckOptions())
   assert (status, reason) == ("skip", "unreadable: permission denied")
+
+
+def test_symlink_cycle_is_reported_not_followed_forever(tmp_path):
+  _write(str(tmp_path / "src" / "cls" / "a.jpg"), _save(_photo("coffee"), "JPEG"))
+  os.symlink(tmp_path / "src" / "cls", tmp_path / "src" / "cls" / "loop")
+  result = _run(tmp_path / "src", tmp_path / "dst")
+  assert result.written == 1
+  assert result.skipped == [{"path": "cls/loop/", "reason": result.skipped[0]["reason"]}]
+  assert "already visited" in result.skipped[0]["reason"]

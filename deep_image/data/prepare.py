@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -170,7 +171,10 @@ def check_image(data: bytes, options: CheckOptions = CheckOptions()) -> tuple[by
     raise SkipImage("empty file (0 bytes)")
   with _PillowGuards(options.max_image_pixels):
     try:
-      img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+      with warnings.catch_warnings():
+        # Between 1x and 2x the limit Pillow only warns; the explicit check below skips those.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
       raise SkipImage(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
@@ -283,7 +287,17 @@ def _walk_files(src: str, skipped: list[dict[str, str]]) -> list[str]:
     skipped.append({"path": rel + "/", "reason": f"unreadable folder: {error.strerror}"})
 
   files = []
+  seen = set()
+  # Symlinked class folders are common (datasets assembled from several disks): follow them,
+  # but visit each real folder once so a link cycle cannot loop forever.
   for root, dirs, names in os.walk(src, onerror=on_error, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:
+      rel = os.path.relpath(root, src).replace(os.sep, "/")
+      skipped.append({"path": rel + "/", "reason": f"folder already visited (link to {real})"})
+      dirs.clear()
+      continue
+    seen.add(real)
     dirs.sort()
     for name in names:
       files.append(os.path.relpath(os.path.join(root, name), src).replace(os.sep, "/"))
@@ -319,8 +333,11 @@ def find_examples(
     raise ValueError(f"--src {src} contains no files")
   fixed_classes = None
   if classes is not None:
-    with open(classes, encoding="utf-8") as f:
-      fixed_classes = json.load(f)
+    try:
+      with open(classes, encoding="utf-8") as f:
+        fixed_classes = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--classes {classes}: cannot read a JSON list: {e}") from e
     if not isinstance(fixed_classes, list) or not all(isinstance(c, str) for c in fixed_classes):
       raise ValueError(f"--classes {classes}: expected a JSON list of class names")
 
