@@ -220,7 +220,7 @@ MODELS: dict[str, dict] = {
     "deep_image_16_fc8192": dict(stages=_VGG16_STAGES, fc=(8192, 8192)),
     # CPU variants (not in the paper): same shape of network, tiny widths.
     "vgg_small": dict(stages=((16, 16), (32, 32), (64, 64)), fc=(256, 256)),
-    "vgg_tiny": dict(stages=((4,), (8,)), fc=(16, 16)),
+    "vgg_tiny": dict(stages=((4,), (8,)), fc=(24, 24)),
 }
 
 
