@@ -35,7 +35,7 @@ def _rank_coded(n, rows, cols=3):
 
 
 CASES = [(a, n) for a in HAND_WRITTEN for n in (1, 2, 4, 8)] + [
-    (a, n) for a in HAND_WRITTEN for n in (3, 6)
+  (a, n) for a in HAND_WRITTEN for n in (3, 6)
 ]
 
 
@@ -78,17 +78,17 @@ def test_gradients_match_lax(algorithm, n):
       return jax.grad(f)(xb)
 
     mapped = jax.shard_map(
-        local, mesh=_mesh(n), in_specs=(P("x"), P("x")), out_specs=P("x"), check_vma=False
+      local, mesh=_mesh(n), in_specs=(P("x"), P("x")), out_specs=P("x"), check_vma=False
     )
     return np.asarray(jax.jit(mapped)(x, w))
 
   ours = grad_of(
-      lambda v: collectives.gather_params(v, "x", algorithm),
-      lambda v: collectives.scatter_partials(v, "x", algorithm),
+    lambda v: collectives.gather_params(v, "x", algorithm),
+    lambda v: collectives.scatter_partials(v, "x", algorithm),
   )
   builtin = grad_of(
-      lambda v: lax.all_gather(v, "x", axis=0, tiled=True),
-      lambda v: lax.psum_scatter(v, "x", scatter_dimension=0, tiled=True),
+    lambda v: lax.all_gather(v, "x", axis=0, tiled=True),
+    lambda v: lax.psum_scatter(v, "x", scatter_dimension=0, tiled=True),
   )
   np.testing.assert_allclose(ours, builtin, rtol=1e-5, atol=1e-4)
 
@@ -128,6 +128,6 @@ def test_all_reduce_sends_the_bandwidth_optimum(algorithm, n):
   """Each device sends 2 (N-1) / N of the buffer per all-reduce (read off the HLO)."""
   elements = 64 * n
   sent = _bytes_sent_per_device(
-      lambda b: collectives.all_reduce(b, "x", algorithm=algorithm), n, elements
+    lambda b: collectives.all_reduce(b, "x", algorithm=algorithm), n, elements
   )
   assert sent == 2 * (n - 1) * (4 * elements) // n

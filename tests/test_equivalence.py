@@ -38,8 +38,8 @@ def _batches():
   rng = np.random.default_rng(0)
   for _ in range(STEPS):
     yield (
-        rng.integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8),
-        rng.integers(0, 10, BATCH).astype(np.int32),
+      rng.integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8),
+      rng.integers(0, 10, BATCH).astype(np.int32),
     )
 
 
@@ -47,15 +47,15 @@ def run_steps(config, n):
   """(losses per step, final params as numpy) of STEPS steps on the first n devices."""
   mesh = mesh_lib.make_mesh(config.parallel, jax.devices()[:n])
   strategy = strategies.make_strategy(
-      config, make_model(config.model), make_optimizer(config.train), mesh
+    config, make_model(config.model), make_optimizer(config.train), mesh
   )
   state = strategy.init(jax.random.key(0))
   losses = []
   for images, labels in _batches():
     state, metrics = strategy.train_step(
-        state,
-        jax.device_put(images, strategy.batch_sharding),
-        jax.device_put(labels, strategy.batch_sharding),
+      state,
+      jax.device_put(images, strategy.batch_sharding),
+      jax.device_put(labels, strategy.batch_sharding),
     )
     losses.append(float(metrics["loss"]))
   return np.asarray(losses), jax.tree.map(np.asarray, strategy.full_params(state))
@@ -76,11 +76,11 @@ def assert_same_as_reference(losses, params):
 
 
 CASES = (
-    [("gspmd", "xla", "data", n) for n in (2, 4, 8)]
-    + [(s, a, conv, 8) for s, conv in SHARD_MAP for a in ALGORITHMS]
-    + [(s, a, conv, n) for s, conv in SHARD_MAP for a in ("butterfly", "xla") for n in (2, 4)]
-    + [(s, "butterfly", conv, 1) for s, conv in SHARD_MAP]
-    + [(s, a, conv, 6) for s, conv in SHARD_MAP for a in ("ring", "direct")]
+  [("gspmd", "xla", "data", n) for n in (2, 4, 8)]
+  + [(s, a, conv, 8) for s, conv in SHARD_MAP for a in ALGORITHMS]
+  + [(s, a, conv, n) for s, conv in SHARD_MAP for a in ("butterfly", "xla") for n in (2, 4)]
+  + [(s, "butterfly", conv, 1) for s, conv in SHARD_MAP]
+  + [(s, a, conv, 6) for s, conv in SHARD_MAP for a in ("ring", "direct")]
 )
 
 
@@ -109,15 +109,15 @@ def test_initialisation_does_not_depend_on_layout():
 
 
 @pytest.mark.parametrize(
-    "field,value,message",
-    [
-        ("parallel.strategy", "pipeline", "parallel.strategy='pipeline'"),
-        ("parallel.collective", "tree", "parallel.collective='tree'"),
-        ("parallel.conv", "model", "parallel.conv='model'"),
-        ("train.batch_size", 20, "train.batch_size=20 does not divide over the 8 devices"),
-        ("parallel.mesh", (("data", 16),), "needs 16 devices but only 8"),
-        ("parallel.mesh", (("data", 3), ("x", -1)), "8 devices do not divide by 3"),
-    ],
+  "field,value,message",
+  [
+    ("parallel.strategy", "pipeline", "parallel.strategy='pipeline'"),
+    ("parallel.collective", "tree", "parallel.collective='tree'"),
+    ("parallel.conv", "model", "parallel.conv='model'"),
+    ("train.batch_size", 20, "train.batch_size=20 does not divide over the 8 devices"),
+    ("parallel.mesh", (("data", 16),), "needs 16 devices but only 8"),
+    ("parallel.mesh", (("data", 3), ("x", -1)), "8 devices do not divide by 3"),
+  ],
 )
 def test_bad_configs_fail_before_compiling(field, value, message):
   c = tiny_config("hybrid", "butterfly")

@@ -12,8 +12,12 @@ from deep_image.train import losses
 
 
 def evaluate_arrays(
-    model, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
-    sharding: NamedSharding,
+  model,
+  params,
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  sharding: NamedSharding,
 ) -> dict:
   """Accuracy over every example (the last batch is padded, padding not counted).
 

@@ -103,16 +103,16 @@ class FullyConnected(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = self.window * self.window * self.in_features
     kernel = self.param(
-        "kernel",
-        nn.with_logical_partitioning(nn.initializers.he_normal(), self.kernel_axes),
-        (fan_in, self.features),
-        jnp.float32,
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.he_normal(), self.kernel_axes),
+      (fan_in, self.features),
+      jnp.float32,
     )
     bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.kernel_axes[1],)),
-        (self.features,),
-        jnp.float32,
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.kernel_axes[1],)),
+      (self.features,),
+      jnp.float32,
     )
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
@@ -121,7 +121,7 @@ class FullyConnected(nn.Module):
     else:
       window = kernel.reshape(self.window, self.window, self.in_features, self.features)
       y = lax.conv_general_dilated(
-          x, window, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, window, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
       )
     return y + bias.astype(self.dtype)
 
@@ -132,7 +132,7 @@ class VGG(nn.Module):
   `__call__(x)` on the training crop (H = W = spec.image_size) returns
   [B, num_classes] float32 logits. With `dense=True` it runs the FC head as
   convolutions and accepts any H, W >= image_size, returning a score map
-  [B, H', W', num_classes].
+  [B, H', W', num_classes], H' = (H - image_size) / 2^S + 1 (S pools).
   """
 
   spec: VGGSpec
@@ -145,17 +145,17 @@ class VGG(nn.Module):
     for stage in self.spec.stages:
       for width in stage:
         convs.append(
-            nn.Conv(
-                width,
-                (3, 3),
-                padding="SAME",
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.he_normal(), (None, None, None, None)
-                ),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-            )
+          nn.Conv(
+            width,
+            (3, 3),
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+              nn.initializers.he_normal(), (None, None, None, None)
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+          )
         )
         in_ch = width
     self.convs = convs
@@ -182,19 +182,32 @@ class VGG(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
 
-  def head(self, feats: jax.Array, *, train: bool = False) -> jax.Array:
-    """FC1-FC3 on [B, k, k, C] features (dense) or a larger map (as convolutions).
+  def head(self, feats: jax.Array, *, train: bool = False, dense: bool = False) -> jax.Array:
+    """FC1-FC3 on conv features.
 
-    Returns float32 logits [B, classes] or a score map [B, H', W', classes].
+    Args:
+      feats: [B, h, w, C_last] from `features`.
+      dense: False: h = w = k (the training crop's map), FC layers as matrix
+        products, returns [B, classes]. True: FC1 as a k x k VALID
+        convolution, FC2/FC3 as 1x1, returns a score map
+        [B, h - k + 1, w - k + 1, classes] (any h, w >= k).
+    Returns:
+      float32 logits.
     """
-    if feats.shape[1:3] == (self.spec.feature_map_size,) * 2:
+    k = self.spec.feature_map_size
+    if not dense:
+      if feats.shape[1:3] != (k, k):
+        raise ValueError(
+          f"FC1 expects a {k}x{k} feature map (a {self.spec.image_size}px input), got "
+          f"{feats.shape[1]}x{feats.shape[2]}; pass dense=True for a class-score map"
+        )
       feats = feats.reshape(feats.shape[0], -1)
     x = self.dropout(nn.relu(self.fc1(feats)), deterministic=not train)
     x = self.dropout(nn.relu(self.fc2(x)), deterministic=not train)
     return self.fc3(x).astype(jnp.float32)
 
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    return self.head(self.features(x), train=train)
+  def __call__(self, x: jax.Array, *, train: bool = False, dense: bool = False) -> jax.Array:
+    return self.head(self.features(x), train=train, dense=dense)
 
 
 # Named variants. Widths of the CPU variants are small enough that the default
@@ -202,31 +215,29 @@ class VGG(nn.Module):
 _VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 MODELS: dict[str, dict] = {
-    # Paper Table 2: 13 conv + 3 FC; 212.7M weights at 224 x 224.
-    "deep_image_16": dict(stages=_VGG16_STAGES, fc=(6144, 6144)),
-    # Section 3.3: "8 convolutional layers and 3 fully-connected layers followed
-    # by a 1000-way softmax". The paper gives no widths; we take VGG's
-    # configuration A (Simonyan & Zisserman 2014, 8 conv: 64 | 128 | 256x2 |
-    # 512x2 | 512x2) with the paper's FC width 6144.
-    "scaling_8conv_3fc": dict(
-        stages=((64,), (128,), (256, 256), (512, 512), (512, 512)), fc=(6144, 6144)
-    ),
-    # Section 5: "varied the number of filters ... up to 1024 and the neurons at
-    # fully-connected layers up to 8192".
-    "deep_image_16_wide": dict(
-        stages=((128, 128), (256, 256), (512, 512, 512), (1024, 1024, 1024), (1024, 1024, 1024)),
-        fc=(8192, 8192),
-    ),
-    "deep_image_16_fc8192": dict(stages=_VGG16_STAGES, fc=(8192, 8192)),
-    # CPU variants (not in the paper): same shape of network, tiny widths.
-    "vgg_small": dict(stages=((16, 16), (32, 32), (64, 64)), fc=(256, 256)),
-    "vgg_tiny": dict(stages=((4,), (8,)), fc=(24, 24)),
+  # Paper Table 2: 13 conv + 3 FC; 212.7M weights at 224 x 224.
+  "deep_image_16": dict(stages=_VGG16_STAGES, fc=(6144, 6144)),
+  # Section 3.3: "8 convolutional layers and 3 fully-connected layers followed
+  # by a 1000-way softmax". The paper gives no widths; we take VGG's
+  # configuration A (Simonyan & Zisserman 2014, 8 conv: 64 | 128 | 256x2 |
+  # 512x2 | 512x2) with the paper's FC width 6144.
+  "scaling_8conv_3fc": dict(
+    stages=((64,), (128,), (256, 256), (512, 512), (512, 512)), fc=(6144, 6144)
+  ),
+  # Section 5: "varied the number of filters ... up to 1024 and the neurons at
+  # fully-connected layers up to 8192".
+  "deep_image_16_wide": dict(
+    stages=((128, 128), (256, 256), (512, 512, 512), (1024, 1024, 1024), (1024, 1024, 1024)),
+    fc=(8192, 8192),
+  ),
+  "deep_image_16_fc8192": dict(stages=_VGG16_STAGES, fc=(8192, 8192)),
+  # CPU variants (not in the paper): same shape of network, tiny widths.
+  "vgg_small": dict(stages=((16, 16), (32, 32), (64, 64)), fc=(256, 256)),
+  "vgg_tiny": dict(stages=((4,), (8,)), fc=(24, 24)),
 }
 
 
-def make_spec(
-    name: str, *, num_classes: int, image_size: int, in_channels: int = 3
-) -> VGGSpec:
+def make_spec(name: str, *, num_classes: int, image_size: int, in_channels: int = 3) -> VGGSpec:
   """The `VGGSpec` of a named variant; raises ValueError for an unknown name."""
   if name not in MODELS:
     raise ValueError(f"model.name={name!r} is not a known model; choose from {sorted(MODELS)}")
@@ -234,25 +245,25 @@ def make_spec(
   downsample = 2 ** len(arch["stages"])
   if image_size % downsample or image_size < downsample:
     raise ValueError(
-        f"model.image_size={image_size} must be a positive multiple of {downsample} for "
-        f"{name!r} ({len(arch['stages'])} max pools)"
+      f"model.image_size={image_size} must be a positive multiple of {downsample} for "
+      f"{name!r} ({len(arch['stages'])} max pools)"
     )
   return VGGSpec(
-      stages=tuple(tuple(s) for s in arch["stages"]),
-      fc=tuple(arch["fc"]),
-      num_classes=num_classes,
-      image_size=image_size,
-      in_channels=in_channels,
+    stages=tuple(tuple(s) for s in arch["stages"]),
+    fc=tuple(arch["fc"]),
+    num_classes=num_classes,
+    image_size=image_size,
+    in_channels=in_channels,
   )
 
 
 def make_model(model_cfg) -> VGG:
   """A `VGG` from `config.model` (fields name, num_classes, image_size, dropout, dtype)."""
   spec = make_spec(
-      model_cfg.name,
-      num_classes=model_cfg.num_classes,
-      image_size=model_cfg.image_size,
-      in_channels=model_cfg.get("in_channels", 3),
+    model_cfg.name,
+    num_classes=model_cfg.num_classes,
+    image_size=model_cfg.image_size,
+    in_channels=model_cfg.get("in_channels", 3),
   )
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if model_cfg.dtype not in dtypes:

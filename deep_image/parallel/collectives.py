@@ -50,7 +50,7 @@ ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 def _check_algorithm(algorithm: str) -> None:
   if algorithm not in ALGORITHMS:
     raise ValueError(
-        f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
+      f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
     )
 
 
@@ -91,8 +91,8 @@ def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly"
   algorithm = resolve_algorithm(algorithm, n)
   if x.shape[0] % n:
     raise ValueError(
-        f"reduce_scatter: leading dimension {x.shape[0]} of shape {x.shape} does not divide "
-        f"over the {n} devices of mesh axis {axis_name!r}"
+      f"reduce_scatter: leading dimension {x.shape[0]} of shape {x.shape} does not divide "
+      f"over the {n} devices of mesh axis {axis_name!r}"
     )
   if n == 1:
     return x
@@ -151,9 +151,7 @@ def all_gather(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") ->
     while d < n:
       other = lax.ppermute(buf, axis_name, [(j, j ^ d) for j in range(n)])
       upper = ((rank // d) % 2).astype(bool)
-      buf = jnp.where(
-          upper, jnp.concatenate([other, buf]), jnp.concatenate([buf, other])
-      )
+      buf = jnp.where(upper, jnp.concatenate([other, buf]), jnp.concatenate([buf, other]))
       d *= 2
     return buf
   c = x.shape[0]

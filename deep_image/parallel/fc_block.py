@@ -37,14 +37,14 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def tensor_parallel_head(
-    fc: dict,
-    feats: jax.Array,
-    *,
-    axis: str,
-    algorithm: str,
-    dtype=jnp.float32,
-    dropout_rate: float = 0.0,
-    rng: jax.Array | None = None,
+  fc: dict,
+  feats: jax.Array,
+  *,
+  axis: str,
+  algorithm: str,
+  dtype=jnp.float32,
+  dropout_rate: float = 0.0,
+  rng: jax.Array | None = None,
 ) -> jax.Array:
   """FC1-FC3 with FC1/FC2 weights split over `axis`. feats [b, k, k, C] -> logits [b, classes].
 
@@ -61,8 +61,8 @@ def tensor_parallel_head(
   b = feats.shape[0]
   x = feats.reshape(b, -1).astype(dtype)
   x = collectives.gather_params(x, axis, algorithm)  # [B, F]
-  rngs = (None, None) if rng is None else jax.random.split(
-      jax.random.fold_in(rng, lax.axis_index(axis))
+  rngs = (
+    (None, None) if rng is None else jax.random.split(jax.random.fold_in(rng, lax.axis_index(axis)))
   )
   h1 = x @ fc["fc1"]["kernel"].astype(dtype) + fc["fc1"]["bias"].astype(dtype)
   h1 = _dropout(jax.nn.relu(h1), dropout_rate, rngs[0])  # [B, H1/N]

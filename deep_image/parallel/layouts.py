@@ -73,7 +73,7 @@ def to_full(stored: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Ar
 
 
 def local_for_use(
-    local: jax.Array, layout: Layout, shape: tuple[int, ...], axis: str, algorithm: str
+  local: jax.Array, layout: Layout, shape: tuple[int, ...], axis: str, algorithm: str
 ) -> jax.Array:
   """Inside shard_map: the array a layer computes with, from this device's stored part.
 

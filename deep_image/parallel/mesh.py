@@ -42,18 +42,14 @@ def maybe_initialize_distributed(parallel_cfg) -> None:
     jax.distributed.initialize()
   elif mode == "explicit":
     jax.distributed.initialize(
-        coordinator_address=parallel_cfg.coordinator_address,
-        num_processes=parallel_cfg.num_processes,
-        process_id=parallel_cfg.process_id,
+      coordinator_address=parallel_cfg.coordinator_address,
+      num_processes=parallel_cfg.num_processes,
+      process_id=parallel_cfg.process_id,
     )
   else:
-    raise ValueError(
-        f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'"
-    )
+    raise ValueError(f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'")
   _distributed_initialized = True
-  logging.info(
-      "distributed: process %d of %d", jax.process_index(), jax.process_count()
-  )
+  logging.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def forced_host_device_count() -> int | None:
@@ -64,9 +60,7 @@ def forced_host_device_count() -> int | None:
   return None
 
 
-def resolve_mesh_shape(
-    mesh_spec, num_devices: int
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def resolve_mesh_shape(mesh_spec, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Axis names and sizes, with the one -1 replaced by the remaining devices.
 
   Raises ValueError naming `parallel.mesh` when the sizes do not fit
@@ -84,13 +78,13 @@ def resolve_mesh_shape(
   if -1 in sizes:
     if num_devices % fixed:
       raise ValueError(
-          f"parallel.mesh={tuple(mesh_spec)}: {num_devices} devices do not divide by {fixed}"
+        f"parallel.mesh={tuple(mesh_spec)}: {num_devices} devices do not divide by {fixed}"
       )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) > num_devices:
     raise ValueError(
-        f"parallel.mesh={tuple(mesh_spec)} needs {math.prod(sizes)} devices but only "
-        f"{num_devices} are available (jax.devices())"
+      f"parallel.mesh={tuple(mesh_spec)} needs {math.prod(sizes)} devices but only "
+      f"{num_devices} are available (jax.devices())"
     )
   return names, tuple(sizes)
 

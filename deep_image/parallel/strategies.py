@@ -41,7 +41,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deep_image.models.vgg import MODELS, VGG
-from deep_image.parallel import collectives, fc_block, layouts, mesh as mesh_lib
+from deep_image.parallel import collectives, fc_block, layouts
+from deep_image.parallel import mesh as mesh_lib
 from deep_image.train import losses
 from deep_image.train.state import TrainState
 
@@ -59,7 +60,7 @@ def validate_parallel_config(config, num_devices: int) -> None:
   par = config.parallel
   if par.strategy not in STRATEGIES:
     raise ValueError(
-        f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGIES}"
+      f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGIES}"
     )
   collectives.resolve_algorithm(par.collective, 2)
   if par.strategy == "hybrid" and par.conv not in CONV_MODES:
@@ -68,22 +69,22 @@ def validate_parallel_config(config, num_devices: int) -> None:
   n = math.prod(sizes)
   if par.strategy != "gspmd" and sum(s > 1 for s in sizes) > 1:
     raise ValueError(
-        f"parallel.strategy={par.strategy!r} runs over one mesh axis, but parallel.mesh="
-        f"{tuple(par.mesh)} has several axes larger than 1"
+      f"parallel.strategy={par.strategy!r} runs over one mesh axis, but parallel.mesh="
+      f"{tuple(par.mesh)} has several axes larger than 1"
     )
   batch = config.train.batch_size
   if batch <= 0 or batch % n:
     raise ValueError(
-        f"train.batch_size={batch} does not divide over the {n} devices of parallel.mesh="
-        f"{dict(zip(names, sizes))}"
+      f"train.batch_size={batch} does not divide over the {n} devices of parallel.mesh="
+      f"{dict(zip(names, sizes, strict=True))}"
     )
-  split_over = _fc_split_devices(par, dict(zip(names, sizes)))
+  split_over = _fc_split_devices(par, dict(zip(names, sizes, strict=True)))
   h1 = MODELS[config.model.name]["fc"][0] if config.model.name in MODELS else None
   if h1 is not None and split_over > 1 and h1 % split_over:
     raise ValueError(
-        f"parallel.strategy={par.strategy!r} splits FC1's {h1} outputs over {split_over} "
-        f"devices; model.name={config.model.name!r} needs a device count that divides {h1} "
-        f"(or, for gspmd, parallel.shard_fc=False)"
+      f"parallel.strategy={par.strategy!r} splits FC1's {h1} outputs over {split_over} "
+      f"devices; model.name={config.model.name!r} needs a device count that divides {h1} "
+      f"(or, for gspmd, parallel.shard_fc=False)"
     )
 
 
@@ -130,12 +131,10 @@ class Strategy(abc.ABC):
     self.global_batch = config.train.batch_size
     self.dropout_key = jax.random.key(config.seed + 1)
     sample = jnp.zeros((1, model.spec.image_size, model.spec.image_size, model.spec.in_channels))
-    self._boxed_shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), sample)["params"]
-    )
+    self._boxed_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample)["params"])
     self.param_shapes = nn.unbox(self._boxed_shapes)
     self.logical_shardings = nn.logical_to_mesh_sharding(
-        nn.get_partition_spec(self._boxed_shapes), mesh, mesh_lib.logical_rules(config.parallel, mesh)
+      nn.get_partition_spec(self._boxed_shapes), mesh, mesh_lib.logical_rules(config.parallel, mesh)
     )
     self._train_step = None
 
@@ -151,7 +150,7 @@ class Strategy(abc.ABC):
     sample = jnp.zeros((1,) + self.input_shape)
     with jax.threefry_partitionable(False):
       full = jax.jit(
-          lambda r: nn.unbox(self.model.init(r, sample)["params"]), out_shardings=self.replicated
+        lambda r: nn.unbox(self.model.init(r, sample)["params"]), out_shardings=self.replicated
       )(rng)
 
     def initial_state(full_params):
@@ -168,11 +167,11 @@ class Strategy(abc.ABC):
   def _opt_shardings(self, params_abstract, param_shardings):
     opt_abstract = jax.eval_shape(self.tx.init, params_abstract)
     return optax.tree_map_params(
-        self.tx,
-        lambda _, sharding: sharding,
-        opt_abstract,
-        param_shardings,
-        transform_non_params=lambda _: self.replicated,
+      self.tx,
+      lambda _, sharding: sharding,
+      opt_abstract,
+      param_shardings,
+      transform_non_params=lambda _: self.replicated,
     )
 
   def train_step(self, state: TrainState, images: jax.Array, labels: jax.Array):
@@ -210,9 +209,9 @@ class Strategy(abc.ABC):
   def abstract_state(self):
     """ShapeDtypeStructs (with shardings) of the state, without allocating it."""
     return jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        self._abstract_state_shapes(),
-        self.state_shardings(),
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      self._abstract_state_shapes(),
+      self.state_shardings(),
     )
 
 
@@ -230,9 +229,9 @@ class GSPMDStrategy(Strategy):
 
   def state_shardings(self) -> TrainState:
     return TrainState(
-        self.replicated,
-        self.logical_shardings,
-        self._opt_shardings(self.param_shapes, self.logical_shardings),
+      self.replicated,
+      self.logical_shardings,
+      self._opt_shardings(self.param_shapes, self.logical_shardings),
     )
 
   def full_params(self, state: TrainState):
@@ -245,10 +244,10 @@ class GSPMDStrategy(Strategy):
     def step(state: TrainState, images, labels):
       def loss_fn(params):
         logits = model.apply(
-            {"params": params},
-            images,
-            train=True,
-            rngs={"dropout": jax.random.fold_in(dropout_key, state.step)},
+          {"params": params},
+          images,
+          train=True,
+          rngs={"dropout": jax.random.fold_in(dropout_key, state.step)},
         )
         loss_sum, sums = losses.loss_and_counts(logits, labels)
         return loss_sum / batch, sums
@@ -260,10 +259,10 @@ class GSPMDStrategy(Strategy):
 
     shardings = self.state_shardings()
     return jax.jit(
-        step,
-        in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
-        out_shardings=(shardings, self.replicated),
-        donate_argnums=0,
+      step,
+      in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+      out_shardings=(shardings, self.replicated),
+      donate_argnums=0,
     )
 
 
@@ -285,39 +284,39 @@ class ShardMapStrategy(Strategy):
     self.n = mesh.shape[self.axis]
     self.algorithm = config.parallel.collective
     self.layouts = jax.tree_util.tree_map_with_path(
-        lambda path, x: layout_of(_path_names(path), x.shape), self.param_shapes
+      lambda path, x: layout_of(_path_names(path), x.shape), self.param_shapes
     )
     self.tensor_parallel_fc = any(
-        lo.kind == "split" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)
+      lo.kind == "split" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)
     )
 
   # --- layout of the state -------------------------------------------------
   def _stored_params_shapes(self):
     return jax.tree.map(
-        lambda lo, x: jax.ShapeDtypeStruct(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
-        self.layouts,
-        self.param_shapes,
-        is_leaf=_is_layout,
+      lambda lo, x: jax.ShapeDtypeStruct(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
+      self.layouts,
+      self.param_shapes,
+      is_leaf=_is_layout,
     )
 
   def _stored_param_shardings(self):
     return jax.tree.map(
-        lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
-        self.layouts,
-        self._stored_params_shapes(),
-        is_leaf=_is_layout,
+      lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
+      self.layouts,
+      self._stored_params_shapes(),
+      is_leaf=_is_layout,
     )
 
   def _full_param_shardings(self):
     """Model-layout parameters: split ones as stored, the rest replicated."""
     return jax.tree.map(
-        lambda lo, x: NamedSharding(
-            self.mesh,
-            layouts.stored_spec(lo, len(x.shape), self.axis) if lo.kind == "split" else P(),
-        ),
-        self.layouts,
-        self.param_shapes,
-        is_leaf=_is_layout,
+      lambda lo, x: NamedSharding(
+        self.mesh,
+        layouts.stored_spec(lo, len(x.shape), self.axis) if lo.kind == "split" else P(),
+      ),
+      self.layouts,
+      self.param_shapes,
+      is_leaf=_is_layout,
     )
 
   def _abstract_state_shapes(self):
@@ -328,24 +327,24 @@ class ShardMapStrategy(Strategy):
   def state_shardings(self) -> TrainState:
     param_sh = self._stored_param_shardings()
     return TrainState(
-        self.replicated, param_sh, self._opt_shardings(self._stored_params_shapes(), param_sh)
+      self.replicated, param_sh, self._opt_shardings(self._stored_params_shapes(), param_sh)
     )
 
   def _to_stored(self, full_params):
     return jax.tree.map(
-        lambda lo, x: layouts.to_stored(x, lo, self.n), self.layouts, full_params, is_leaf=_is_layout
+      lambda lo, x: layouts.to_stored(x, lo, self.n), self.layouts, full_params, is_leaf=_is_layout
     )
 
   def full_params(self, state: TrainState):
     return jax.jit(
-        lambda p: jax.tree.map(
-            lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
-            self.layouts,
-            p,
-            self.param_shapes,
-            is_leaf=_is_layout,
-        ),
-        out_shardings=self._full_param_shardings(),
+      lambda p: jax.tree.map(
+        lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
+        self.layouts,
+        p,
+        self.param_shapes,
+        is_leaf=_is_layout,
+      ),
+      out_shardings=self._full_param_shardings(),
     )(state.params)
 
   # --- the step ------------------------------------------------------------
@@ -356,25 +355,27 @@ class ShardMapStrategy(Strategy):
       return model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
     feats = model.apply({"params": params}, images, method=VGG.features)
     return fc_block.tensor_parallel_head(
-        {k: params[k] for k in ("fc1", "fc2", "fc3")},
-        feats,
-        axis=self.axis,
-        algorithm=self.algorithm,
-        dtype=model.dtype,
-        dropout_rate=rate,
-        rng=rng if rate > 0 else None,
+      {k: params[k] for k in ("fc1", "fc2", "fc3")},
+      feats,
+      axis=self.axis,
+      algorithm=self.algorithm,
+      dtype=model.dtype,
+      dropout_rate=rate,
+      rng=rng if rate > 0 else None,
     )
 
   def _sync_replicated(self, grads):
     """All-reduce (sum) the gradients of REPLICATED parameters as one flat buffer."""
-    is_rep = jax.tree.map(lambda lo: lo.kind == "replicated", self.layouts, is_leaf=_is_layout)
-    rep = [g for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(is_rep)) if r]
+    leaves, treedef = jax.tree.flatten(grads)
+    is_rep = [lo.kind == "replicated" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)]
+    rep = [g for g, r in zip(leaves, is_rep, strict=True) if r]
     if not rep or self.n == 1:
       return grads
     flat, unravel = ravel_pytree(rep)
     synced = iter(unravel(collectives.all_reduce(flat, self.axis, algorithm=self.algorithm)))
-    leaves = [next(synced) if r else g for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(is_rep))]
-    return jax.tree.unflatten(jax.tree.structure(grads), leaves)
+    return jax.tree.unflatten(
+      treedef, [next(synced) if r else g for g, r in zip(leaves, is_rep, strict=True)]
+    )
 
   def _build_train_step(self):
     tx, batch, axis = self.tx, self.global_batch, self.axis
@@ -385,11 +386,11 @@ class ShardMapStrategy(Strategy):
 
       def loss_fn(stored):
         params = jax.tree.map(
-            lambda lo, x, shape: layouts.local_for_use(x, lo, shape.shape, axis, self.algorithm),
-            self.layouts,
-            stored,
-            self.param_shapes,
-            is_leaf=_is_layout,
+          lambda lo, x, shape: layouts.local_for_use(x, lo, shape.shape, axis, self.algorithm),
+          self.layouts,
+          stored,
+          self.param_shapes,
+          is_leaf=_is_layout,
         )
         logits = self._forward(params, images, rng)
         loss_sum, sums = losses.loss_and_counts(logits, labels)
@@ -406,17 +407,17 @@ class ShardMapStrategy(Strategy):
     specs = jax.tree.map(lambda s: s.spec, shardings)
     batch_spec = P(axis)
     mapped = jax.shard_map(
-        local_step,
-        mesh=self.mesh,
-        in_specs=(specs, batch_spec, batch_spec),
-        out_specs=(specs, P()),
-        check_vma=False,
+      local_step,
+      mesh=self.mesh,
+      in_specs=(specs, batch_spec, batch_spec),
+      out_specs=(specs, P()),
+      check_vma=False,
     )
     return jax.jit(
-        mapped,
-        in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
-        out_shardings=(shardings, self.replicated),
-        donate_argnums=0,
+      mapped,
+      in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+      out_shardings=(shardings, self.replicated),
+      donate_argnums=0,
     )
 
 

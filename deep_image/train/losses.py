@@ -32,6 +32,6 @@ def topk_correct(logits: jax.Array, labels: jax.Array) -> dict:
   label_score = jnp.take_along_axis(logits, labels[:, None], axis=1)
   rank = (logits > label_score).sum(axis=1)
   return {
-      "top1": (rank < 1).sum().astype(jnp.float32),
-      "top5": (rank < 5).sum().astype(jnp.float32),
+    "top1": (rank < 1).sum().astype(jnp.float32),
+    "top5": (rank < 5).sum().astype(jnp.float32),
   }

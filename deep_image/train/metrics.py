@@ -45,8 +45,11 @@ class Progress:
     remaining = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
     shown = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
     logging.info(
-        "step %d/%d (%.0f%%) %s | elapsed %s | ETA %s",
-        step, self.total, 100.0 * step / self.total, shown,
-        format_duration(elapsed),
-        format_duration(remaining) if remaining == remaining else "?",
+      "step %d/%d (%.0f%%) %s | elapsed %s | ETA %s",
+      step,
+      self.total,
+      100.0 * step / self.total,
+      shown,
+      format_duration(elapsed),
+      format_duration(remaining) if remaining == remaining else "?",
     )

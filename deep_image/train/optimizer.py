@@ -17,18 +17,18 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     peak = peak * train_cfg.batch_size / train_cfg.lr_batch_reference
   warmup = min(train_cfg.warmup_steps, train_cfg.num_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=peak,
-      warmup_steps=warmup,
-      decay_steps=max(train_cfg.num_steps, warmup + 1),
-      end_value=0.0,
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup,
+    decay_steps=max(train_cfg.num_steps, warmup + 1),
+    end_value=0.0,
   )
 
 
 def _decay_mask(params):
   """Weight decay on kernels only; biases are not decayed."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    lambda path, _: getattr(path[-1], "key", None) == "kernel", params
   )
 
 
@@ -39,6 +39,6 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   parameter (the lazy strategy) gives exactly the shard of the full update.
   """
   return optax.chain(
-      optax.add_decayed_weights(train_cfg.weight_decay, mask=_decay_mask),
-      optax.sgd(learning_rate_schedule(train_cfg), momentum=train_cfg.momentum),
+    optax.add_decayed_weights(train_cfg.weight_decay, mask=_decay_mask),
+    optax.sgd(learning_rate_schedule(train_cfg), momentum=train_cfg.momentum),
   )
