@@ -1,0 +1,355 @@
+"""Grain input pipelines: seeded, resumable, per-process train batches and padded eval batches.
+
+Train (`make_train_iterator`), per process:
+
+  MapDataset.source(src).shuffle(seed)     one permutation per epoch (repeat reseeds it)
+    [: N - N % P][process_index::P]        equal, disjoint shards of every epoch
+    .repeat()                              endless
+    .random_map(record -> example, seed)   decode, resize shorter side to S, then either
+                                             'host':   random c x c crop + augmentations
+                                             'device': an S x S window + the sampled params
+    .to_iter_dataset().batch(b, drop)      b = global batch / P
+    .mp_prefetch(num_workers)              when data.num_workers > 0
+
+The per-record generator of `random_map` is a pure function of (seed, epoch, position), so
+the same seed gives the same batches and augmentations, with or without workers, and
+`get_state()` / `set_state()` of the returned Grain iterator resume the exact stream (for
+the same worker count).
+
+With `augment_on='device'` the workers do only the decoding and resizing; the crop and
+augmentations run batched inside the jitted step (`device_augment`), from the same sampled
+parameters, so the two modes give the same pixels (to one gray level, tested).
+
+Eval (`make_eval_iterator`): one pass in source order, the last batch padded with repeats
+of real records and a 'mask' marking the real ones.
+
+Config fields (`config.data`, defaults in `default_config`): train_scale, eval_scale,
+num_workers, worker_buffer_size, augment_on, augment (`augment.default_config()`),
+cache_on_device, cache_budget_bytes, cache_memory_fraction (the last three are read by
+`device_cache`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import cv2
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from deep_image.data import augment, augment_device
+from deep_image.data.sources import decode_image, make_source
+
+AUGMENT_ON = ("host", "device")
+EVAL_MODES = ("center", "full")
+
+# glibc mallopt parameters (malloc.h): the env vars MALLOC_TRIM_THRESHOLD_ /
+# MALLOC_MMAP_THRESHOLD_ set the same, but only for processes started after they are set.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The pipeline's `config.data` fields (merge into a config with `data.update(...)`).
+
+  Fields:
+    train_scale: S, training images are resized so their shorter side is S (256, 512, ...;
+      paper 4.2 trains one model per scale) before the random crop.
+    eval_scale: shorter side of evaluation images before the centre crop / dense evaluation.
+    num_workers: Grain worker processes (`mp_prefetch`); 0 runs the pipeline in-process.
+    worker_buffer_size: batches each worker prepares ahead.
+    augment_on: 'host' (workers crop and augment) or 'device' (workers only decode and
+      resize; `device_augment` crops and augments inside the jitted step).
+    augment: `augment.default_config()`; `augment.crop_size` is the training crop c and the
+      evaluation centre crop.
+    cache_on_device: keep the decoded S x S dataset in device memory when it fits
+      (`device_cache`, paper 3.1).
+    cache_budget_bytes: per-device free memory assumed where the device reports none
+      (`memory_stats()` is None on CPU).
+    cache_memory_fraction: share of a device's free memory the cache may take; the rest is
+      left for activations.
+  """
+  cfg = ml_collections.ConfigDict()
+  cfg.train_scale = 256
+  cfg.eval_scale = 256
+  cfg.num_workers = 0
+  cfg.worker_buffer_size = 2
+  cfg.augment_on = "host"
+  cfg.augment = augment.default_config()
+  cfg.cache_on_device = False
+  cfg.cache_budget_bytes = 2 * 1024**3
+  cfg.cache_memory_fraction = 0.5
+  return cfg
+
+
+def _get(data_cfg: Any, name: str) -> Any:
+  # Missing fields fall back to `default_config()`, so older configs keep working.
+  value = data_cfg.get(name, None)
+  return default_config()[name] if value is None else value
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes so the shorter side is exactly `size`, keeping the aspect ratio.
+
+  Args:
+    image: uint8 [H, W, 3].
+    size: target shorter side.
+
+  Returns:
+    uint8 [h, w, 3] with min(h, w) == size; `image` itself when it already is.
+  """
+  h, w = image.shape[:2]
+  if min(h, w) == size:
+    return image
+  if h <= w:
+    new_h, new_w = size, max(size, round(w * size / h))
+  else:
+    new_h, new_w = max(size, round(h * size / w)), size
+  # Area averaging when shrinking (no aliasing of fine texture), bilinear when enlarging.
+  shrink = new_h < h
+  interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+
+
+def _decode_resized(record: dict, scale: int) -> np.ndarray:
+  """uint8 [h, w, 3] with shorter side `scale`, from a source record."""
+  return resize_shorter_side(decode_image(record["image"], min_side=scale), scale)
+
+
+def square_window(
+  image: np.ndarray, params: augment.AugmentParams
+) -> tuple[np.ndarray, augment.AugmentParams]:
+  """An S x S window of a shorter-side-S image holding the crop, and params relative to it.
+
+  The window is centred on the crop where the image allows, so the margin that rotation and
+  lens distortion pull pixels from is real image, as on the host path; only beyond the
+  window does BORDER_REFLECT_101 differ from the host's reflection about the whole image.
+  For square images the window is the image and both paths see identical inputs.
+
+  Args:
+    image: uint8 [H, W, 3] with min(H, W) == S.
+    params: one image's params sampled for `image`'s (H, W).
+
+  Returns:
+    (uint8 [S, S, 3] contiguous window, params with crop_y / crop_x inside the window).
+  """
+  h, w = image.shape[:2]
+  s, c = min(h, w), params.crop_size
+  y0 = int(np.clip(int(params.crop_y) - (s - c) // 2, 0, h - s))
+  x0 = int(np.clip(int(params.crop_x) - (s - c) // 2, 0, w - s))
+  window = np.ascontiguousarray(image[y0 : y0 + s, x0 : x0 + s])
+  return window, params.replace(crop_y=int(params.crop_y) - y0, crop_x=int(params.crop_x) - x0)
+
+
+class _TrainExample:
+  """record, rng -> training example; a picklable callable for Grain workers.
+
+  Output: {'image': uint8 [c, c, 3], 'label': int32} ('host'), or {'image': uint8 [S, S, 3],
+  'label': int32, 'augment': AugmentParams.as_dict()} ('device').
+  """
+
+  def __init__(self, scale: int, space: augment.SamplingSpace, augment_on: str):
+    self.scale, self.space, self.augment_on = scale, space, augment_on
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    image = _decode_resized(record, self.scale)
+    params = augment.sample_params(rng, self.space, image.shape[:2])
+    label = np.int32(record["label"])
+    if self.augment_on == "host":
+      return {"image": augment.apply(image, params), "label": label}
+    window, params = square_window(image, params)
+    return {"image": window, "label": label, "augment": params.as_dict()}
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Grain worker setup: one OpenCV thread per worker, and glibc malloc tuned for images."""
+  del worker_index, worker_count
+  # The workers are the parallelism; OpenCV's own threads would oversubscribe the cores.
+  cv2.setNumThreads(1)
+  # Image-sized buffers sit above glibc's default mmap threshold, so every image paid page
+  # faults for fresh mmaps (up to 2.2x slower, DESIGN.md); keep them on the heap instead.
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:  # Not glibc (macOS, musl): nothing to tune.
+    return
+  libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+  libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+
+
+def _maybe_prefetch(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
+  workers = int(_get(data_cfg, "num_workers") if num_workers is None else num_workers)
+  if workers <= 0:
+    return ds
+  options = grain.MultiprocessingOptions(
+    num_workers=workers, per_worker_buffer_size=int(_get(data_cfg, "worker_buffer_size"))
+  )
+  return ds.mp_prefetch(options, worker_init_fn=_init_worker)
+
+
+def _host_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f"train.batch_size={global_batch_size} must be a positive multiple of the "
+      f"{process_count} processes (each process loads train.batch_size / processes examples)"
+    )
+  return global_batch_size // process_count
+
+
+def _op_seed(seed: int, op: int) -> int:
+  # Independent, explicit per-op seeds: Grain's derived seeds depend on the pipeline's shape.
+  return int(np.random.SeedSequence([int(seed), op]).generate_state(1)[0])
+
+
+def make_train_iterator(
+  data_cfg: Any,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int | None = None,
+  source: Any = None,
+) -> grain.DatasetIterator:
+  """Endless, shuffled, augmented host-local training batches of this process.
+
+  Args:
+    data_cfg: `config.data` (source fields as `sources.make_source`, plus `default_config()`).
+    global_batch_size: examples per step over all processes (`train.batch_size`).
+    seed: shuffling and augmentation seed.
+    process_index, process_count: this process's shard of every epoch.
+    num_workers: overrides `data_cfg.num_workers` (0 = in-process).
+    source: a random-access source; `make_source(data_cfg, 'train')` when None.
+
+  Returns:
+    a Grain DatasetIterator (with `get_state()` / `set_state()`) of dicts
+      'image': uint8 [b, c, c, 3] ('host') or uint8 [b, S, S, 3] ('device'),
+      'label': int32 [b],
+      'augment' ('device' only): {AugmentParams field: [b] or color_shift [b, 3]},
+    with b = global_batch_size / process_count, c = augment.crop_size, S = train_scale.
+
+  Raises:
+    ValueError: the batch does not divide over the processes, an unknown `augment_on`, a
+      crop larger than the train scale, or a shard smaller than one batch.
+  """
+  b = _host_batch_size(global_batch_size, process_count)
+  augment_on = _get(data_cfg, "augment_on")
+  if augment_on not in AUGMENT_ON:
+    raise ValueError(f"data.augment_on={augment_on!r}: expected one of {AUGMENT_ON}")
+  scale, aug_cfg = int(_get(data_cfg, "train_scale")), _get(data_cfg, "augment")
+  if aug_cfg.crop_size > scale:
+    raise ValueError(f"data.augment.crop_size={aug_cfg.crop_size} exceeds data.train_scale={scale}")
+  src = make_source(data_cfg, "train") if source is None else source
+  n = len(src) - len(src) % process_count
+  if n // process_count < b:
+    raise ValueError(
+      f"{len(src)} training examples give {n // process_count} per process, fewer than one "
+      f"host batch of {b} (train.batch_size={global_batch_size})"
+    )
+  ds = grain.MapDataset.source(src).shuffle(seed=_op_seed(seed, 0))
+  ds = ds[:n][process_index::process_count].repeat()
+  example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
+  ds = ds.random_map(example, seed=_op_seed(seed, 1))
+  ds = ds.to_iter_dataset().batch(b, drop_remainder=True)
+  return iter(_maybe_prefetch(ds, data_cfg, num_workers))
+
+
+def device_augment(batch: dict, crop_size: int) -> jax.Array:
+  """Crops and augments an `augment_on='device'` batch on its devices.
+
+  Per example (`augment_device.apply_batch`): each output row reads only its own input row,
+  so with the batch sharded over the data axis every device augments its own rows and XLA
+  inserts no communication. Jit with `crop_size` static, e.g.
+  `jax.jit(device_augment, static_argnums=1)`, or call inside the jitted train step.
+
+  Args:
+    batch: {'image': uint8 [B, S, S, 3], 'augment': {field: [B] / color_shift [B, 3]}, ...},
+      numpy or jax arrays (global arrays sharded on the batch axis).
+    crop_size: c, `data.augment.crop_size`.
+
+  Returns:
+    uint8 [B, c, c, 3], sharded like batch['image'].
+  """
+  params = augment.AugmentParams(**batch["augment"], crop_size=int(crop_size))
+  return augment_device.apply_batch(batch["image"], params)
+
+
+class _EvalExample:
+  """(index, padded?) -> eval example; picklable for Grain workers."""
+
+  def __init__(self, src: Any, scale: int, crop_size: int, mode: str):
+    self.src, self.scale, self.crop_size, self.mode = src, scale, crop_size, mode
+
+  def __call__(self, index: int) -> dict:
+    record = self.src[index % len(self.src)]
+    image = _decode_resized(record, self.scale)
+    if self.mode == "center":
+      h, w = image.shape[:2]
+      y0, x0 = (h - self.crop_size) // 2, (w - self.crop_size) // 2
+      image = np.ascontiguousarray(image[y0 : y0 + self.crop_size, x0 : x0 + self.crop_size])
+    label = np.int32(record["label"])
+    return {"image": image, "label": label, "mask": np.bool_(index < len(self.src))}
+
+
+def _stack_eval(examples: list[dict]) -> dict:
+  shapes = {e["image"].shape for e in examples}
+  if len(shapes) > 1:
+    raise ValueError(
+      f"eval mode='full' batches images of one size only, got {sorted(shapes)}: use "
+      "global_batch_size=1 per process or a source of same-size images"
+    )
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def make_eval_iterator(
+  data_cfg: Any,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  mode: str = "center",
+  split: str = "validation",
+  num_workers: int | None = None,
+  source: Any = None,
+) -> grain.DatasetIterator:
+  """One pass over an evaluation split in source order, last batch padded.
+
+  The index space is padded up to a multiple of `global_batch_size`; process p reads
+  positions [p::process_count] of it, so every process yields the same number of batches
+  and together they see each real example once.
+
+  Args:
+    data_cfg: `config.data`.
+    global_batch_size: examples per step over all processes.
+    process_index, process_count: this process's share.
+    mode: 'center' (resize shorter side to eval_scale, centre crop augment.crop_size) or
+      'full' (the whole resized image, for dense evaluation; same-size images per batch).
+    split: generic split name for `make_source`.
+    num_workers: overrides `data_cfg.num_workers`.
+    source: a random-access source; `make_source(data_cfg, split)` when None.
+
+  Returns:
+    a Grain DatasetIterator of {'image': uint8 [b, c, c, 3] ('center') or [b, h, w, 3]
+    ('full'), 'label': int32 [b] (the repeated record's where padded), 'mask': bool [b]
+    (True = real example)},
+    b = global_batch_size / process_count.
+  """
+  b = _host_batch_size(global_batch_size, process_count)
+  if mode not in EVAL_MODES:
+    raise ValueError(f"eval mode={mode!r}: expected one of {EVAL_MODES}")
+  src = make_source(data_cfg, split) if source is None else source
+  scale, crop = int(_get(data_cfg, "eval_scale")), int(_get(data_cfg, "augment").crop_size)
+  if mode == "center" and crop > scale:
+    raise ValueError(f"data.augment.crop_size={crop} exceeds data.eval_scale={scale}")
+  total = -(-len(src) // global_batch_size) * global_batch_size
+  ds = grain.MapDataset.range(total)[process_index::process_count]
+  ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset()
+  ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)
+  return iter(_maybe_prefetch(ds, data_cfg, num_workers))
+
+
+device_augment_jit = jax.jit(device_augment, static_argnums=1)
+"""`device_augment` under jit (crop_size static), for callers outside a jitted step."""
