@@ -165,7 +165,7 @@ class _TrainExample:
     return {"image": window, "label": label, "augment": params.as_dict()}
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
+def init_worker(worker_index: int, worker_count: int) -> None:
   """Grain worker setup: one OpenCV thread per worker, and glibc malloc tuned for images."""
   del worker_index, worker_count
   # The workers are the parallelism; OpenCV's own threads would oversubscribe the cores.
@@ -187,7 +187,7 @@ def _maybe_prefetch(ds: grain.IterDataset, data_cfg: Any, num_workers: int | Non
   options = grain.MultiprocessingOptions(
     num_workers=workers, per_worker_buffer_size=int(_get(data_cfg, "worker_buffer_size"))
   )
-  return ds.mp_prefetch(options, worker_init_fn=_init_worker)
+  return ds.mp_prefetch(options, worker_init_fn=init_worker)
 
 
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
