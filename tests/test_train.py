@@ -1,0 +1,98 @@
+"""The train loop and CLI: metrics, determinism, device counts, errors, the default job."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deep_image.train import train_and_evaluate
+from experiments.configs import default
+
+
+def short_config(**overrides):
+  c = default.get_config()
+  c.model.name = "vgg_tiny"
+  c.data.image_size = c.model.image_size = 16
+  c.train.num_steps, c.train.log_every, c.train.batch_size = 12, 4, 32
+  c.train.warmup_steps = 2
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_metrics_file_and_determinism(tmp_path):
+  final = train_and_evaluate(short_config(), str(tmp_path / "a"))
+  records = read_metrics(tmp_path / "a")
+  steps = [r for r in records if "split" not in r]
+  assert [r["step"] for r in steps] == [4, 8, 12]
+  for r in steps:
+    assert {"step", "loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(r)
+    assert r["images_per_sec"] > 0
+  assert records[-1] == final
+  assert final["split"] == "test" and 0.0 <= final["top1"] <= final["top5"] <= 1.0
+
+  train_and_evaluate(short_config(), str(tmp_path / "b"))
+  again = read_metrics(tmp_path / "b")
+  assert [r["loss"] for r in again[:-1]] == [r["loss"] for r in steps]  # bit-identical
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+  with pytest.raises(FloatingPointError, match="loss is .* at step 4"):
+    train_and_evaluate(short_config(**{"train.learning_rate": 1e12}), str(tmp_path))
+
+
+def _cli(tmp_path, *args, xla_flags=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      f"--workdir={tmp_path}",
+      "--config.model.name=vgg_tiny",
+      "--config.model.image_size=16",
+      "--config.data.image_size=16",
+      "--config.train.num_steps=2",
+      "--config.train.log_every=1",
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+
+
+def test_cli_respects_xla_flags_device_count(tmp_path):
+  run = _cli(tmp_path, xla_flags="--xla_force_host_platform_device_count=1")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "mesh {'data': 1} on 1 cpu devices" in run.stderr
+
+
+def test_cli_simulates_the_configured_device_count(tmp_path):
+  run = _cli(tmp_path, "--config.parallel.num_devices=4", "--config.train.batch_size=16")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "mesh {'data': 4} on 4 cpu devices" in run.stderr
+  assert len(read_metrics(tmp_path)) == 3  # 2 steps + the final record
+
+
+def test_cli_rejects_a_bad_config_before_training(tmp_path):
+  run = _cli(tmp_path, "--config.train.batch_size=60")  # 60 over 8 devices
+  assert run.returncode != 0
+  assert "train.batch_size=60 does not divide over the 8 devices" in run.stderr
+
+
+def test_default_job_reaches_97_percent(tmp_path):
+  """The README's default job, as is: digits, vgg_small, hybrid, 8 devices."""
+  final = train_and_evaluate(default.get_config(), str(tmp_path))
+  assert final["top1"] >= 0.97
