@@ -14,12 +14,16 @@ from experiments.configs import default
 def short_config(**overrides):
   c = default.get_config()
   c.model.name = "vgg_tiny"
-  c.data.image_size = c.model.image_size = 16
+  c.data.image_size = c.model.image_size = c.data.augment.crop_size = 16
+  c.data.train_scale = c.data.eval_scale = 18
   c.train.num_steps, c.train.log_every, c.train.batch_size = 12, 4, 32
   c.train.warmup_steps = 2
   for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
+    *sections, field = key.split(".")
+    target = c
+    for name in sections:
+      target = target[name]
+    target[field] = value
   return c
 
 
@@ -37,11 +41,28 @@ def test_metrics_file_and_determinism(tmp_path):
     assert {"step", "loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(r)
     assert r["images_per_sec"] > 0
   assert records[-1] == final
-  assert final["split"] == "test" and 0.0 <= final["top1"] <= final["top5"] <= 1.0
+  assert final["split"] == "validation" and 0.0 <= final["top1"] <= final["top5"] <= 1.0
 
   train_and_evaluate(short_config(), str(tmp_path / "b"))
   again = read_metrics(tmp_path / "b")
   assert [r["loss"] for r in again[:-1]] == [r["loss"] for r in steps]  # bit-identical
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{"data.augment_on": "device"}, {"data.cache_on_device": True}],
+  ids=["augment-on-device", "device-cache"],
+)
+def test_other_input_paths_train(tmp_path, overrides):
+  final = train_and_evaluate(short_config(**overrides), str(tmp_path))
+  steps = [r for r in read_metrics(tmp_path) if "split" not in r]
+  assert len(steps) == 3 and all(r["loss"] == r["loss"] for r in steps)
+  assert 0.0 <= final["top1"] <= 1.0
+
+
+def test_crop_and_model_size_must_agree(tmp_path):
+  with pytest.raises(ValueError, match="model.image_size=16 must equal data.augment.crop_size=12"):
+    train_and_evaluate(short_config(**{"data.augment.crop_size": 12}), str(tmp_path))
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
@@ -62,6 +83,9 @@ def _cli(tmp_path, *args, xla_flags=None):
       "--config.model.name=vgg_tiny",
       "--config.model.image_size=16",
       "--config.data.image_size=16",
+      "--config.data.augment.crop_size=16",
+      "--config.data.train_scale=18",
+      "--config.data.eval_scale=18",
       "--config.train.num_steps=2",
       "--config.train.log_every=1",
       *args,

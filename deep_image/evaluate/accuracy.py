@@ -1,44 +1,46 @@
-"""Top-1 / top-5 accuracy of a model over an in-memory split."""
+"""Top-1 / top-5 accuracy of a model over a stream of padded eval batches."""
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from deep_image.data.global_batch import to_global
 from deep_image.train import losses
 
 
-def evaluate_arrays(
-  model,
-  params,
-  images: np.ndarray,
-  labels: np.ndarray,
-  batch_size: int,
-  sharding: NamedSharding,
-) -> dict:
-  """Accuracy over every example (the last batch is padded, padding not counted).
+def evaluate_batches(model, params, batches: Iterable[dict], sharding: NamedSharding) -> dict:
+  """Accuracy over every real example of `batches`.
 
   Args:
     model: a `VGG`; params: its parameter tree (any sharding).
-    images: [N, H, W, C] uint8 or float32 at the training crop; labels [N] int32.
-    batch_size: global eval batch; must divide over the devices of `sharding`.
-    sharding: NamedSharding of a [B, ...] batch.
+    batches: host-local dicts {'image': uint8 [b, c, c, 3], 'label': int32 [b],
+      'mask': bool [b]} (`pipeline.make_eval_iterator`); masked-out rows are
+      padding and are not counted.
+    sharding: NamedSharding of a global [B, ...] batch.
   Returns:
-    {'top1', 'top5', 'count'}: fractions of N and N.
+    {'top1', 'top5'}: fractions of the real examples, and 'count': their number.
   """
-  apply = jax.jit(model.apply)
-  totals = {"top1": 0.0, "top5": 0.0}
-  n = len(labels)
-  for start in range(0, n, batch_size):
-    x, y = images[start : start + batch_size], labels[start : start + batch_size]
-    real = len(y)
-    if real < batch_size:  # pad to the compiled shape; the padding is cut before counting
-      x = np.concatenate([x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
-    logits = apply({"params": params}, to_global(x, sharding))
-    c = losses.topk_correct(logits[:real], jnp.asarray(y))
-    for k in totals:
-      totals[k] += float(c[k])
-  return {"top1": totals["top1"] / n, "top5": totals["top5"] / n, "count": n}
+
+  @jax.jit
+  def correct(params, images, labels, mask):
+    hits = losses.topk_correct(model.apply({"params": params}, images), labels, mask)
+    return hits, mask.sum()
+
+  totals = {"top1": 0.0, "top5": 0.0, "count": 0}
+  for batch in batches:
+    hits, count = correct(
+      params, *(to_global(batch[k], sharding) for k in ("image", "label", "mask"))
+    )
+    for k in ("top1", "top5"):
+      totals[k] += float(hits[k])
+    totals["count"] += int(count)
+  if totals["count"] == 0:
+    raise ValueError("the evaluation split is empty")
+  return {
+    "top1": totals["top1"] / totals["count"],
+    "top5": totals["top5"] / totals["count"],
+    "count": totals["count"],
+  }

@@ -40,6 +40,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deep_image.data import pipeline
 from deep_image.models.vgg import MODELS, VGG
 from deep_image.parallel import collectives, fc_block, layouts
 from deep_image.parallel import mesh as mesh_lib
@@ -174,17 +175,30 @@ class Strategy(abc.ABC):
       transform_non_params=lambda _: self.replicated,
     )
 
-  def train_step(self, state: TrainState, images: jax.Array, labels: jax.Array):
+  def train_step(
+    self, state: TrainState, images: jax.Array, labels: jax.Array, augment: dict | None = None
+  ):
     if self._train_step is None:
       self._train_step = self._build_train_step()
-    state, sums = self._train_step(state, images, labels)
+    state, sums = self._train_step(state, images, labels, augment)
     return state, {k: v / self.global_batch for k, v in sums.items()}
+
+  def _images_for_step(self, images: jax.Array, augment: dict | None) -> jax.Array:
+    """Inside the jitted step: crop + augment on device when the batch carries parameters.
+
+    With `data.augment_on='device'` images arrive uncropped ([B, S, S, 3]) with their
+    sampled augmentation parameters; the per-example resampling shards over the batch
+    with no communication.
+    """
+    if augment is None:
+      return images
+    return pipeline.device_augment({"image": images, "augment": augment}, self.input_shape[0])
 
   def lower_train_step(self, state_abstract, images_abstract, labels_abstract):
     """jax.stages.Lowered of one step (for compile-only memory and cost analysis)."""
     if self._train_step is None:
       self._train_step = self._build_train_step()
-    return self._train_step.lower(state_abstract, images_abstract, labels_abstract)
+    return self._train_step.lower(state_abstract, images_abstract, labels_abstract, None)
 
   @abc.abstractmethod
   def _to_stored(self, full_params):
@@ -241,7 +255,9 @@ class GSPMDStrategy(Strategy):
     model, tx, batch = self.model, self.tx, self.global_batch
     dropout_key = self.dropout_key
 
-    def step(state: TrainState, images, labels):
+    def step(state: TrainState, images, labels, augment):
+      images = self._images_for_step(images, augment)
+
       def loss_fn(params):
         logits = model.apply(
           {"params": params},
@@ -260,7 +276,7 @@ class GSPMDStrategy(Strategy):
     shardings = self.state_shardings()
     return jax.jit(
       step,
-      in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+      in_shardings=(shardings,) + (self.batch_sharding,) * 3,
       out_shardings=(shardings, self.replicated),
       donate_argnums=0,
     )
@@ -413,9 +429,13 @@ class ShardMapStrategy(Strategy):
       out_specs=(specs, P()),
       check_vma=False,
     )
+
+    def step(state: TrainState, images, labels, augment):
+      return mapped(state, self._images_for_step(images, augment), labels)
+
     return jax.jit(
-      mapped,
-      in_shardings=(shardings, self.batch_sharding, self.batch_sharding),
+      step,
+      in_shardings=(shardings,) + (self.batch_sharding,) * 3,
       out_shardings=(shardings, self.replicated),
       donate_argnums=0,
     )

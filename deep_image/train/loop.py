@@ -9,10 +9,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from deep_image.data.digits import load_digits_arrays
+from deep_image.data import device_cache, pipeline
 from deep_image.data.global_batch import to_global
-from deep_image.data.in_memory import InMemoryBatches
-from deep_image.evaluate.accuracy import evaluate_arrays
+from deep_image.data.sources import make_source
+from deep_image.evaluate.accuracy import evaluate_batches
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
@@ -20,26 +20,47 @@ from deep_image.train.metrics import MetricsWriter, Progress
 from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
 
 
-def _datasets(config):
-  """(train batch iterator, eval images, eval labels) for `config.data.source`."""
-  if config.data.source != "digits":
-    raise ValueError(f"data.source={config.data.source!r}: the train loop reads 'digits' in memory")
-  if config.model.image_size != config.data.image_size:
+def _check_data_config(config) -> None:
+  crop = config.data.augment.crop_size
+  if config.model.image_size != crop:
     raise ValueError(
-      f"model.image_size={config.model.image_size} must equal data.image_size="
-      f"{config.data.image_size} for the in-memory digits (no cropping)"
+      f"model.image_size={config.model.image_size} must equal data.augment.crop_size={crop} "
+      "(the network is built for the training crop)"
     )
-  train_x, train_y = load_digits_arrays(config.data.image_size, "train", config.seed)
-  test_x, test_y = load_digits_arrays(config.data.image_size, "test", config.seed)
-  batches = InMemoryBatches(
-    train_x,
-    train_y,
-    config.train.batch_size,
-    config.seed,
-    jax.process_index(),
-    jax.process_count(),
+
+
+def _train_batches(config, strategy):
+  """Global training batches: (images, labels, augment | None), all sharded on the batch.
+
+  From the device cache when `data.cache_on_device` and the data fit (paper
+  3.1), else from the Grain pipeline. Returns (iterator, description).
+  """
+  if config.data.get("cache_on_device", False):
+    cache = device_cache.DeviceCache.build(
+      make_source(config.data, "train"),
+      config.data,
+      strategy.batch_sharding,
+      global_batch_size=config.train.batch_size,
+      seed=config.seed,
+    )
+    if cache is not None:
+      return ((images, labels, None) for images, labels in cache), "device cache"
+  it = pipeline.make_train_iterator(
+    config.data,
+    global_batch_size=config.train.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   )
-  return batches, test_x, test_y
+
+  def to_device(batch):
+    put = lambda x: to_global(x, strategy.batch_sharding)  # noqa: E731
+    augment = jax.tree.map(put, batch["augment"]) if "augment" in batch else None
+    return put(batch["image"]), put(batch["label"]), augment
+
+  return map(to_device, it), f"grain ({config.data.num_workers} workers, augment on " + (
+    f"{config.data.augment_on})"
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -55,11 +76,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config.parallel)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
 
-  batches, test_x, test_y = _datasets(config)
+  _check_data_config(config)
   model = make_model(config.model)
   strategy = strategies.make_strategy(config, model, make_optimizer(config.train), mesh)
   schedule = learning_rate_schedule(config.train)
   state = strategy.init(jax.random.key(config.seed))
+  batches, input_kind = _train_batches(config, strategy)
+  logging.info("training input: %s", input_kind)
   logging.info(
     "strategy %s, collective %s, %d parameters",
     strategy.name,
@@ -72,12 +95,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = Progress(num_steps)
   window_start, window_steps = time.perf_counter(), 0
   for step in range(1, num_steps + 1):
-    images, labels = next(batches)
-    state, metrics = strategy.train_step(
-      state,
-      to_global(images, strategy.batch_sharding),
-      to_global(labels, strategy.batch_sharding),
-    )
+    state, metrics = strategy.train_step(state, *next(batches))
     window_steps += 1
     if step % log_every == 0 or step == num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -102,15 +120,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       )
       window_start, window_steps = time.perf_counter(), 0
 
-  result = evaluate_arrays(
-    model,
-    strategy.full_params(state),
-    test_x,
-    test_y,
-    config.train.eval_batch_size,
-    strategy.batch_sharding,
+  split = config.data.get("eval_split", "validation")
+  eval_batches = pipeline.make_eval_iterator(
+    config.data,
+    global_batch_size=config.train.eval_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    split=split,
   )
-  final = {"split": "test", "step": num_steps, "top1": result["top1"], "top5": result["top5"]}
+  result = evaluate_batches(
+    model, strategy.full_params(state), eval_batches, strategy.batch_sharding
+  )
+  final = {"split": split, "step": num_steps, "top1": result["top1"], "top5": result["top5"]}
   writer.write(final)
-  logging.info("test: top1 %.4f top5 %.4f on %d images", final["top1"], final["top5"], len(test_y))
+  logging.info(
+    "%s: top1 %.4f top5 %.4f on %d images", split, final["top1"], final["top5"], result["count"]
+  )
   return final

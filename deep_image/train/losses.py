@@ -23,15 +23,17 @@ def loss_and_counts(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, di
   return ce.sum(), {"loss": ce.sum(), **counts}
 
 
-def topk_correct(logits: jax.Array, labels: jax.Array) -> dict:
+def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> dict:
   """Number of examples whose label is the top-1 / among the top-5 scores.
 
-  logits [b, classes], labels [b]. A label is in the top k when fewer than k
-  classes score strictly higher (ties count in the label's favour).
+  logits [b, classes], labels [b], mask bool [b] (None: all count). A label is
+  in the top k when fewer than k classes score strictly higher (ties count in
+  the label's favour).
   """
   label_score = jnp.take_along_axis(logits, labels[:, None], axis=1)
   rank = (logits > label_score).sum(axis=1)
+  valid = jnp.ones_like(labels, bool) if mask is None else mask
   return {
-    "top1": (rank < 1).sum().astype(jnp.float32),
-    "top5": (rank < 5).sum().astype(jnp.float32),
+    "top1": ((rank < 1) & valid).sum().astype(jnp.float32),
+    "top5": ((rank < 5) & valid).sum().astype(jnp.float32),
   }
