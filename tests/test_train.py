@@ -110,6 +110,13 @@ def test_cli_simulates_the_configured_device_count(tmp_path):
   assert len(read_metrics(tmp_path)) == 3  # 2 steps + the final record
 
 
+def test_cli_trains_with_two_grain_worker_processes(tmp_path):
+  run = _cli(tmp_path, "--config.data.num_workers=2", "--config.train.batch_size=16")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "training input: grain (2 workers" in run.stderr
+  assert len(read_metrics(tmp_path)) == 3
+
+
 def test_cli_rejects_a_bad_config_before_training(tmp_path):
   run = _cli(tmp_path, "--config.train.batch_size=60")  # 60 over 8 devices
   assert run.returncode != 0
