@@ -58,13 +58,12 @@ def _train_batches(config, strategy):
     augment = jax.tree.map(put, batch["augment"]) if "augment" in batch else None
     return put(batch["image"]), put(batch["label"]), augment
 
-  return map(to_device, it), f"grain ({config.data.num_workers} workers, augment on " + (
-    f"{config.data.augment_on})"
-  )
+  kind = f"grain ({config.data.num_workers} workers, augment on {config.data.augment_on})"
+  return map(to_device, it), kind
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Train `config.train.num_steps` steps, then evaluate on the held-out split.
+  """Train `config.train.num_steps` steps, then evaluate on `data.eval_split`.
 
   Writes DIR/metrics.jsonl: one record per logged step (step, loss, top1, top5,
   learning_rate, images_per_sec, step_time) and a final record (split, top1,
