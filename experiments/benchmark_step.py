@@ -29,6 +29,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import sys
 import time
 from typing import Callable, Iterable, Sequence
@@ -109,18 +110,27 @@ def _batch_abstract(strategy, config, dtype="uint8"):
   )
 
 
+# HLO op names of the collectives XLA runs; on CPU each one is a rendezvous of all devices.
+COLLECTIVE_OPS = ("collective-permute", "all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+
+
+def count_collectives(hlo_text: str) -> int:
+  """Collective ops in compiled HLO text (async -start/-done pairs count once)."""
+  ops = "|".join(COLLECTIVE_OPS)
+  return len(re.findall(rf"= \S+ (?:{ops})(?:-start)?\(", hlo_text))
+
+
 def build_step_runner(config, devices) -> tuple[Callable[[], None], float]:
   """(run one step and wait for it, FLOPs of one step over all devices).
 
-  Compiles once through `lower_train_step` so that the same executable gives both
-  XLA's cost analysis and the timed steps; the state is donated and carried from
-  call to call, as in training.
+  The runner's `collectives` attribute counts the collective ops of the step.
+
+  Times the public `strategy.train_step`, carrying the donated state from call to
+  call as in training. The FLOPs come from `lower_train_step(...).compile()` after
+  the first step: jit's compilation cache returns the very executable being timed.
   """
   strategy = make_strategy(config, devices)
   images_abs, labels_abs = _batch_abstract(strategy, config)
-  compiled = strategy.lower_train_step(strategy.abstract_state(), images_abs, labels_abs).compile()
-  # cost_analysis() is per device (DESIGN.md); every device runs the same SPMD program.
-  flops = float(compiled.cost_analysis()["flops"]) * len(devices)
   rng = np.random.default_rng(0)
   images = jax.device_put(
     rng.integers(0, 256, images_abs.shape, dtype=np.uint8), strategy.batch_sharding
@@ -132,11 +142,16 @@ def build_step_runner(config, devices) -> tuple[Callable[[], None], float]:
   box = {"state": strategy.init(jax.random.key(config.seed))}
 
   def run():
-    box["state"], sums = compiled(box["state"], images, labels)
-    jax.block_until_ready(sums)
-    box["loss"] = sums["loss"]
+    box["state"], metrics = strategy.train_step(box["state"], images, labels)
+    jax.block_until_ready(metrics)
+    box["loss"] = metrics["loss"]
 
-  run.last_loss = lambda: float(box["loss"]) / config.train.batch_size
+  run()  # compiles
+  compiled = strategy.lower_train_step(strategy.abstract_state(), images_abs, labels_abs).compile()
+  # cost_analysis() is per device (DESIGN.md); every device runs the same SPMD program.
+  flops = float(compiled.cost_analysis()["flops"]) * len(devices)
+  run.last_loss = lambda: float(box["loss"])
+  run.collectives = count_collectives(compiled.as_text())
   return run, flops
 
 
@@ -221,7 +236,8 @@ def measure_steps(
     runners["conv"], flops["conv"] = build_conv_runner(devices[0], **conv_shape)
   times = time_round_robin(runners, repeats)
   loss = {k: r.last_loss() for k, r in runners.items() if hasattr(r, "last_loss")}
-  return {"times": times, "flops": flops, "configs": names, "loss": loss}
+  ops = {k: r.collectives for k, r in runners.items() if hasattr(r, "collectives")}
+  return {"times": times, "flops": flops, "configs": names, "loss": loss, "collectives": ops}
 
 
 def ratio_rows(result: dict, baseline: str = "gspmd") -> list[dict]:
@@ -237,6 +253,7 @@ def ratio_rows(result: dict, baseline: str = "gspmd") -> list[dict]:
         min_ms=1e3 * min(times[name]),
         ratio=_median(times[name]) / _median(base),
         paired=paired_ratio(times[name], base),
+        collectives=result.get("collectives", {}).get(name, -1),
       )
     )
   return rows
@@ -323,7 +340,15 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
     f"{batch} ({reps} round-robin rounds; target: hand-written <= 1.05x gspmd)",
     "",
     _table(
-      ["strategy / collective", "median ms", "min ms", "ratio (medians)", "ratio (paired)", "met"],
+      [
+        "strategy / collective",
+        "median ms",
+        "min ms",
+        "ratio (medians)",
+        "ratio (paired)",
+        "met",
+        "collective ops in HLO",
+      ],
       [
         (
           r["config"],
@@ -332,6 +357,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
           f"{r['ratio']:.3f}",
           f"{r['paired']:.3f}",
           "" if r["config"] == "gspmd" else ("yes" if r["paired"] <= 1.05 else "no"),
+          r["collectives"],
         )
         for r in rows
       ],
