@@ -6,7 +6,16 @@ CPU backend starts.
 
 import os
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
+# XLA:CPU aborts the process when a collective's rendezvous waits longer than
+# its termination timeout. Eight simulated devices per test worker, on two
+# shared cores, can be that slow under load: give them minutes, not seconds.
+PATIENT_COLLECTIVES = (
+  "--xla_cpu_collective_timeout_seconds=900 --xla_cpu_collective_call_terminate_timeout_seconds=900"
+)
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _flags:
+  _flags += " --xla_force_host_platform_device_count=8"
+if "collective_call_terminate_timeout" not in _flags:
+  _flags += " " + PATIENT_COLLECTIVES
+os.environ["XLA_FLAGS"] = _flags.strip()

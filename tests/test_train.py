@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PATIENT_COLLECTIVES
 
 from deep_image.train import train_and_evaluate
 from experiments.configs import default
@@ -70,10 +71,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     train_and_evaluate(short_config(**{"train.learning_rate": 1e12}), str(tmp_path))
 
 
-def _cli(tmp_path, *args, xla_flags=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if xla_flags:
-    env["XLA_FLAGS"] = xla_flags
+def _cli(tmp_path, *args, xla_flags=""):
+  env = dict(os.environ, XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}")
   return subprocess.run(
     [
       sys.executable,
