@@ -26,7 +26,8 @@ def main(argv):
   # Must run before anything asks JAX for its devices.
   from deep_image.parallel.mesh import configure_host_devices
 
-  configure_host_devices(config.parallel.num_devices)
+  processes = config.parallel.num_processes if config.parallel.distributed == "explicit" else 1
+  configure_host_devices(config.parallel.num_devices, processes)
   from deep_image.train import train_and_evaluate
 
   logging.info("config:\n%s", config)

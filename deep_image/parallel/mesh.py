@@ -38,6 +38,8 @@ def maybe_initialize_distributed(parallel_cfg) -> None:
   mode = parallel_cfg.get("distributed", "off")
   if _distributed_initialized or mode == "off":
     return
+  # Cross-process collectives on CPU need a transport; gloo ships with jaxlib.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if mode == "auto":
     jax.distributed.initialize()
   elif mode == "explicit":
@@ -117,14 +119,20 @@ def logical_rules(parallel_cfg, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   return (("model", model_axes), ("batch", tuple(mesh.axis_names)))
 
 
-def configure_host_devices(num_devices: int) -> None:
-  """Simulate `num_devices` CPU devices unless XLA_FLAGS already fixes the count.
+def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
+  """Simulate `num_devices` CPU devices in all, unless XLA_FLAGS already fixes the count.
 
-  Call before JAX initialises its backends. It only changes the CPU backend's
+  Each of `num_processes` processes gets num_devices / num_processes. Call
+  before JAX initialises its backends. It only changes the CPU backend's
   device count, so a GPU or TPU machine still runs on its accelerators.
   """
   forced = forced_host_device_count()
   if forced is not None:
     logging.info("XLA_FLAGS sets %d host devices; parallel.num_devices is not used", forced)
     return
-  jax.config.update("jax_num_cpu_devices", int(num_devices))
+  if num_devices % num_processes:
+    raise ValueError(
+      f"parallel.num_devices={num_devices} does not divide over "
+      f"parallel.num_processes={num_processes}"
+    )
+  jax.config.update("jax_num_cpu_devices", int(num_devices) // int(num_processes))

@@ -1,0 +1,70 @@
+"""launch.local: one job as 2 processes on this machine, through jax.distributed."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import PATIENT_COLLECTIVES
+
+
+def test_two_processes_train_one_job(tmp_path):
+  env = dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)  # each process simulates its devices
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes=2",
+      "--",
+      f"--workdir={tmp_path}",
+      "--config.parallel.num_devices=4",
+      "--config.model.name=vgg_tiny",
+      "--config.model.image_size=16",
+      "--config.data.image_size=16",
+      "--config.data.augment.crop_size=16",
+      "--config.data.train_scale=18",
+      "--config.data.eval_scale=18",
+      "--config.train.num_steps=6",
+      "--config.train.log_every=3",
+      "--config.train.batch_size=16",
+      "--config.train.eval_batch_size=32",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=400,
+  )
+  logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+  assert run.returncode == 0, run.stderr[-1500:] + logs[0][-1500:] + logs[1][-1500:]
+  for i, log in enumerate(logs):
+    assert f"distributed: process {i} of 2" in log
+    assert "mesh {'data': 4} on 4 cpu devices" in log
+  # Both processes evaluate the same global arrays: the same final line.
+  finals = [next(line for line in log.splitlines() if "validation: top1" in line) for log in logs]
+  assert finals[0].split("validation:")[1] == finals[1].split("validation:")[1]
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r.get("step") for r in records] == [3, 6, 6] and records[-1]["split"] == "validation"
+
+
+def test_a_failing_process_fails_the_launch(tmp_path):
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes=2",
+      "--",
+      f"--workdir={tmp_path}",
+      "--config.parallel.num_devices=3",
+    ],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES),
+    timeout=200,
+  )
+  assert run.returncode != 0
+  assert "parallel.num_devices=3 does not divide over parallel.num_processes=2" in (
+    (tmp_path / "process_0.log").read_text()
+  )
