@@ -114,8 +114,11 @@ class Strategy(abc.ABC):
       devices along B).
   Methods:
     init(rng) -> TrainState in this strategy's layout.
-    train_step(state, images [B, H, W, C] float32, labels [B] int32)
-      -> (state, metrics): jitted, donates `state`. metrics: float32 scalars
+    train_step(state, images [B, c, c, C] uint8 or float32, labels [B] int32,
+      augment=None) -> (state, metrics): jitted, donates `state`; all batch
+      arrays sharded like `batch_sharding`. With `augment` (the sampled
+      parameters of `data.augment_on='device'`), images are [B, S, S, C] and
+      are cropped + augmented inside the step. metrics: float32 scalars
       'loss' (mean over B), 'top1', 'top5' (fractions of B).
     full_params(state) -> the parameter tree in the model's own layout
       (global arrays), e.g. for evaluation, checkpoints and tests.
