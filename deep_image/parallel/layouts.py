@@ -6,10 +6,9 @@ Three layouts cover the strategies of the paper:
   gradient is a per-device partial sum that the strategy all-reduces.
 * `LAZY`: the array is flattened, zero-padded to N*c and device r stores
   elements [r*c, (r+1)*c). Stored as a global [N*c] array sharded P(axis).
-  Inside the step each layer's weights are all-gathered just before use (one
-  buffer per layer, `layer_for_use`), and the gather's VJP reduce-scatters
-  their gradients, so each device receives exactly the gradient of its own
-  shards (the lazy update). The zero padding stays zero:
+  Inside the step the full weight is all-gathered just before use, and the
+  gather's VJP reduce-scatters the gradient, so each device receives exactly
+  the gradient of its own shard (the lazy update). The zero padding stays zero:
   its gradient is zero and every optimizer transformation is elementwise.
 * `split(dim)`: the full-shape array sharded along `dim` over the axis
   (tensor-parallel FC weights of the hybrid strategy). Device r stores the
@@ -73,35 +72,15 @@ def to_full(stored: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Ar
   return stored[: math.prod(shape)].reshape(shape)
 
 
-def layer_for_use(
-  local: dict, layout: dict, shapes: dict, axis: str, algorithm: str, n: int
-) -> dict:
-  """Inside shard_map: one layer's arrays to compute with, from this device's stored parts.
+def local_for_use(
+  local: jax.Array, layout: Layout, shape: tuple[int, ...], axis: str, algorithm: str
+) -> jax.Array:
+  """Inside shard_map: the array a layer computes with, from this device's stored part.
 
-  Args:
-    local: {name: this device's stored part} of one layer (e.g. kernel, bias).
-    layout, shapes: {name: Layout}, {name: full shape} of the same layer.
-    n: devices on `axis`.
-  Returns:
-    {name: array}: LAZY parts all-gathered (backward: their gradients
-    reduce-scattered); the others as stored (replicated: full; split: the
-    local slice).
-
-  The LAZY parts of a layer travel as one buffer: device r's parts
-  [c_kernel] and [c_bias] are concatenated to [c_kernel + c_bias], gathered
-  to [n, c_kernel + c_bias] and cut apart again, so a layer costs one gather
-  (and one reduce-scatter in backward), not one per parameter.
+  LAZY parts are all-gathered here (backward: reduce-scattered); the others are
+  used as stored (replicated: full; split: the local slice).
   """
-  lazy = [k for k in sorted(local) if layout[k].kind == "lazy"]
-  out = {k: v for k, v in local.items() if k not in lazy}
-  if not lazy:
-    return out
-  sizes = [local[k].shape[0] for k in lazy]
-  bucket = jnp.concatenate([local[k] for k in lazy]) if len(lazy) > 1 else local[lazy[0]]
-  full = collectives.gather_params(bucket, axis, algorithm).reshape(n, sum(sizes))
-  offset = 0
-  for k, size in zip(lazy, sizes, strict=True):
-    flat = full[:, offset : offset + size].reshape(-1)  # device-major: the stored order
-    out[k] = flat[: math.prod(shapes[k])].reshape(shapes[k])
-    offset += size
-  return out
+  if layout.kind != "lazy":
+    return local
+  full = collectives.gather_params(local, axis, algorithm)
+  return full[: math.prod(shape)].reshape(shape)

@@ -7,11 +7,10 @@ gspmd    Flax partition specs (FC1/FC2 split on     XLA's own (jax.jit + GSPMD)
          'model', the rest replicated)
 data     replicated                                 one reduce-scatter + all-gather
                                                     of all gradients after backward
-lazy     1/N of every parameter per device          each layer's weights all-gathered
-                                                    (one buffer) just before use;
-                                                    their gradients reduce-scattered
-                                                    as backward reaches the layer;
-                                                    local-shard update
+lazy     1/N of every parameter per device          each weight all-gathered just
+                                                    before use; its gradient
+                                                    reduce-scattered as backward
+                                                    reaches it; local-shard update
 hybrid   conv as data or lazy (parallel.conv);      FC activations gathered /
          FC1/FC2 split across all devices           scattered (fc_block.py)
 ======== ========================================== ==============================
@@ -405,17 +404,13 @@ class ShardMapStrategy(Strategy):
       rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index(axis))
 
       def loss_fn(stored):
-        params = {
-          layer: layouts.layer_for_use(
-            parts,
-            self.layouts[layer],
-            {k: v.shape for k, v in self.param_shapes[layer].items()},
-            axis,
-            self.algorithm,
-            self.n,
-          )
-          for layer, parts in stored.items()
-        }
+        params = jax.tree.map(
+          lambda lo, x, shape: layouts.local_for_use(x, lo, shape.shape, axis, self.algorithm),
+          self.layouts,
+          stored,
+          self.param_shapes,
+          is_leaf=_is_layout,
+        )
         logits = self._forward(params, images, rng)
         loss_sum, sums = losses.loss_and_counts(logits, labels)
         return loss_sum / batch, sums
