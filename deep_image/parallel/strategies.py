@@ -7,8 +7,8 @@ gspmd    Flax partition specs (FC1/FC2 split on     XLA's own (jax.jit + GSPMD)
          'model', the rest replicated)
 data     replicated                                 one reduce-scatter + all-gather
                                                     of all gradients after backward
-lazy     1/N of every parameter per device          each weight all-gathered just
-                                                    before use; its gradient
+lazy     1/N of every kernel per device (biases     each kernel all-gathered just
+         replicated: 0.01% of the weights)          before use; its gradient
                                                     reduce-scattered as backward
                                                     reaches it; local-shard update
 hybrid   conv as data or lazy (parallel.conv);      FC activations gathered /
@@ -452,7 +452,18 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _hybrid_layout(conv_layout: layouts.Layout):
+def _lazy_layout(names, shape) -> layouts.Layout:
+  """Kernels lazy; biases replicated.
+
+  Biases are 0.01% of the weights: sharding them would save nothing, while
+  gathering each one separately would double the lazy update's collectives
+  (on CPU each is a synchronous rendezvous). Their gradients join the one flat
+  all-reduce of the replicated parameters instead.
+  """
+  return layouts.LAZY if names[-1] == "kernel" else layouts.REPLICATED
+
+
+def _hybrid_layout(conv_layout: Callable):
   def layout_of(names, shape):
     layer, kind = names[0], names[-1]
     if layer == "fc1":
@@ -461,7 +472,7 @@ def _hybrid_layout(conv_layout: layouts.Layout):
       return layouts.split(0)  # input rows
     if layer in ("fc2", "fc3"):
       return layouts.REPLICATED
-    return conv_layout
+    return conv_layout(names, shape)
 
   return layout_of
 
@@ -475,6 +486,6 @@ def make_strategy(config, model: VGG, tx: optax.GradientTransformation, mesh: Me
   if name == "data":
     return ShardMapStrategy(config, model, tx, mesh, name, lambda *_: layouts.REPLICATED)
   if name == "lazy":
-    return ShardMapStrategy(config, model, tx, mesh, name, lambda *_: layouts.LAZY)
-  conv = layouts.LAZY if config.parallel.conv == "lazy" else layouts.REPLICATED
+    return ShardMapStrategy(config, model, tx, mesh, name, _lazy_layout)
+  conv = _lazy_layout if config.parallel.conv == "lazy" else (lambda *_: layouts.REPLICATED)
   return ShardMapStrategy(config, model, tx, mesh, name, _hybrid_layout(conv))
