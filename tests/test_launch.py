@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import PATIENT_COLLECTIVES
+from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS
 
 
 def test_two_processes_train_one_job(tmp_path):
@@ -19,12 +19,7 @@ def test_two_processes_train_one_job(tmp_path):
       "--",
       f"--workdir={tmp_path}",
       "--config.parallel.num_devices=4",
-      "--config.model.name=vgg_tiny",
-      "--config.model.image_size=16",
-      "--config.data.image_size=16",
-      "--config.data.augment.crop_size=16",
-      "--config.data.train_scale=18",
-      "--config.data.eval_scale=18",
+      *TINY_JOB_FLAGS,
       "--config.train.num_steps=6",
       "--config.train.log_every=3",
       "--config.train.batch_size=16",

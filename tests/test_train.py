@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PATIENT_COLLECTIVES
+from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS
 
 from deep_image.train import train_and_evaluate
 from experiments.configs import default
@@ -79,12 +79,7 @@ def _cli(tmp_path, *args, xla_flags=""):
       "-m",
       "experiments.train",
       f"--workdir={tmp_path}",
-      "--config.model.name=vgg_tiny",
-      "--config.model.image_size=16",
-      "--config.data.image_size=16",
-      "--config.data.augment.crop_size=16",
-      "--config.data.train_scale=18",
-      "--config.data.eval_scale=18",
+      *TINY_JOB_FLAGS,
       "--config.train.num_steps=2",
       "--config.train.log_every=1",
       *args,
