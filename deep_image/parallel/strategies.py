@@ -134,7 +134,7 @@ class Strategy(abc.ABC):
     self.replicated = NamedSharding(mesh, P())
     self.global_batch = config.train.batch_size
     self.dropout_key = jax.random.key(config.seed + 1)
-    sample = jnp.zeros((1, model.spec.image_size, model.spec.image_size, model.spec.in_channels))
+    sample = jnp.zeros((1,) + self.input_shape)
     self._boxed_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample)["params"])
     self.param_shapes = nn.unbox(self._boxed_shapes)
     self.logical_shardings = nn.logical_to_mesh_sharding(
@@ -168,15 +168,23 @@ class Strategy(abc.ABC):
     s = self.model.spec
     return (s.image_size, s.image_size, s.in_channels)
 
-  def _opt_shardings(self, params_abstract, param_shardings):
-    opt_abstract = jax.eval_shape(self.tx.init, params_abstract)
-    return optax.tree_map_params(
+  def _abstract_state_shapes(self) -> TrainState:
+    """ShapeDtypeStructs of the state leaves."""
+    stored = self._stored_param_shapes()
+    opt = jax.eval_shape(self.tx.init, stored)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), stored, opt)
+
+  def state_shardings(self) -> TrainState:
+    """NamedShardings of every state leaf; optimizer state laid out like the params."""
+    param_shardings = self._stored_param_shardings()
+    opt = optax.tree_map_params(
       self.tx,
       lambda _, sharding: sharding,
-      opt_abstract,
+      jax.eval_shape(self.tx.init, self._stored_param_shapes()),
       param_shardings,
       transform_non_params=lambda _: self.replicated,
     )
+    return TrainState(self.replicated, param_shardings, opt)
 
   def train_step(
     self, state: TrainState, images: jax.Array, labels: jax.Array, augment: dict | None = None
@@ -208,16 +216,16 @@ class Strategy(abc.ABC):
     """Model-layout parameters -> this strategy's stored layout (traced inside jit)."""
 
   @abc.abstractmethod
-  def state_shardings(self) -> TrainState:
-    """NamedShardings of every state leaf."""
+  def _stored_param_shapes(self):
+    """ShapeDtypeStructs of the parameters in this strategy's stored layout."""
+
+  @abc.abstractmethod
+  def _stored_param_shardings(self):
+    """NamedShardings of the stored parameters."""
 
   @abc.abstractmethod
   def full_params(self, state: TrainState):
     """The parameter tree in the model's own layout."""
-
-  @abc.abstractmethod
-  def _abstract_state_shapes(self) -> TrainState:
-    """ShapeDtypeStructs of the state leaves."""
 
   @abc.abstractmethod
   def _build_train_step(self):
@@ -240,16 +248,11 @@ class GSPMDStrategy(Strategy):
   def _to_stored(self, full_params):
     return full_params
 
-  def _abstract_state_shapes(self):
-    opt = jax.eval_shape(self.tx.init, self.param_shapes)
-    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), self.param_shapes, opt)
+  def _stored_param_shapes(self):
+    return self.param_shapes
 
-  def state_shardings(self) -> TrainState:
-    return TrainState(
-      self.replicated,
-      self.logical_shardings,
-      self._opt_shardings(self.param_shapes, self.logical_shardings),
-    )
+  def _stored_param_shardings(self):
+    return self.logical_shardings
 
   def full_params(self, state: TrainState):
     return state.params
@@ -308,9 +311,10 @@ class ShardMapStrategy(Strategy):
     self.tensor_parallel_fc = any(
       lo.kind == "split" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)
     )
+    self._to_full = None
 
   # --- layout of the state -------------------------------------------------
-  def _stored_params_shapes(self):
+  def _stored_param_shapes(self):
     return jax.tree.map(
       lambda lo, x: jax.ShapeDtypeStruct(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
       self.layouts,
@@ -322,7 +326,7 @@ class ShardMapStrategy(Strategy):
     return jax.tree.map(
       lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
       self.layouts,
-      self._stored_params_shapes(),
+      self._stored_param_shapes(),
       is_leaf=_is_layout,
     )
 
@@ -338,33 +342,24 @@ class ShardMapStrategy(Strategy):
       is_leaf=_is_layout,
     )
 
-  def _abstract_state_shapes(self):
-    stored = self._stored_params_shapes()
-    opt = jax.eval_shape(self.tx.init, stored)
-    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), stored, opt)
-
-  def state_shardings(self) -> TrainState:
-    param_sh = self._stored_param_shardings()
-    return TrainState(
-      self.replicated, param_sh, self._opt_shardings(self._stored_params_shapes(), param_sh)
-    )
-
   def _to_stored(self, full_params):
     return jax.tree.map(
       lambda lo, x: layouts.to_stored(x, lo, self.n), self.layouts, full_params, is_leaf=_is_layout
     )
 
   def full_params(self, state: TrainState):
-    return jax.jit(
-      lambda p: jax.tree.map(
-        lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
-        self.layouts,
-        p,
-        self.param_shapes,
-        is_leaf=_is_layout,
-      ),
-      out_shardings=self._full_param_shardings(),
-    )(state.params)
+    if self._to_full is None:  # built once: a fresh lambda per call would recompile
+      self._to_full = jax.jit(
+        lambda p: jax.tree.map(
+          lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
+          self.layouts,
+          p,
+          self.param_shapes,
+          is_leaf=_is_layout,
+        ),
+        out_shardings=self._full_param_shardings(),
+      )
+    return self._to_full(state.params)
 
   # --- the step ------------------------------------------------------------
   def _forward(self, params, images, rng):
