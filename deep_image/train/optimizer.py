@@ -7,13 +7,29 @@ import optax
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup from 0 to `train.learning_rate` over `train.warmup_steps`, then cosine to 0.
+  """Linear warmup from 0 to the peak rate, then cosine decay to 0.
 
-  The peak rate scales linearly with the global batch (Goyal et al. 2017) when
-  `train.lr_batch_reference` > 0: lr = learning_rate * batch_size / reference.
+  With peak p, W = min(train.warmup_steps, train.num_steps) and T = max(train.num_steps,
+  W + 1), the rate of (0-based) step t is
+
+    lr(t) = p * t / W                                    for t < W,
+    lr(t) = p * (1 + cos(pi * (t - W) / (T - W))) / 2    for t >= W,
+
+  so warmup_steps = 0 trains at the peak from the first step. The peak scales linearly with
+  the global batch (Goyal et al. 2017) when `train.lr_batch_reference` > 0:
+  p = learning_rate * batch_size / lr_batch_reference; with 0, p = learning_rate.
+
+  Raises:
+    ValueError naming the field when warmup_steps or lr_batch_reference is negative.
   """
+  if train_cfg.warmup_steps < 0:
+    raise ValueError(f"train.warmup_steps={train_cfg.warmup_steps} must be >= 0")
+  if train_cfg.lr_batch_reference < 0:
+    raise ValueError(
+      f"train.lr_batch_reference={train_cfg.lr_batch_reference} must be >= 0 (0: no scaling)"
+    )
   peak = train_cfg.learning_rate
-  if train_cfg.get("lr_batch_reference", 0):
+  if train_cfg.lr_batch_reference:
     peak = peak * train_cfg.batch_size / train_cfg.lr_batch_reference
   warmup = min(train_cfg.warmup_steps, train_cfg.num_steps)
   return optax.warmup_cosine_decay_schedule(
@@ -34,6 +50,10 @@ def _decay_mask(params):
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """optax SGD with momentum `train.momentum` (0.9) and L2 weight decay on kernels.
+
+  One update is trace <- momentum * trace + grad + weight_decay * kernel (biases: no decay
+  term), param <- param - lr(step) * trace. The state is the momentum trace (a tree like the
+  parameters, in their stored layout and sharding) and the step count of the schedule.
 
   Every transformation is elementwise, so updating a 1/N shard of a
   parameter (the lazy strategy) gives exactly the shard of the full update.
