@@ -85,9 +85,15 @@ LAZY_STATE_TOLERANCE = 1.05
 
 
 def make_config(model, image_size, batch, strategy, collective="xla", conv="data", classes=10):
-  """The base config with the model, batch and parallel strategy of one benchmark program."""
+  """The base config with the model, batch and parallel strategy of one benchmark program.
+
+  Every other field keeps its base value (experiments/configs/base.py), so the config is a
+  complete, trainable one; the training crop follows the model's input side.
+  """
   c = base.get_config()
   c.model.name, c.model.image_size, c.model.num_classes = model, image_size, classes
+  c.data.augment.crop_size = image_size
+  c.data.train_scale = c.data.eval_scale = max(c.data.train_scale, image_size)
   c.train.batch_size = batch
   c.parallel.strategy, c.parallel.collective, c.parallel.conv = strategy, collective, conv
   return c

@@ -20,13 +20,7 @@ if "collective_call_terminate_timeout" not in _flags:
   _flags += " " + PATIENT_COLLECTIVES
 os.environ["XLA_FLAGS"] = _flags.strip()
 
-# `experiments.train` flags that shrink the default job to a seconds-long run
-# (vgg_tiny on 16 px digit crops); CLI tests add their own steps and devices.
-TINY_JOB_FLAGS = (
-  "--config.model.name=vgg_tiny",
-  "--config.model.image_size=16",
-  "--config.data.image_size=16",
-  "--config.data.augment.crop_size=16",
-  "--config.data.train_scale=18",
-  "--config.data.eval_scale=18",
-)
+# `experiments.train` flags for a seconds-long job: the default config's `tiny` variant
+# (vgg_tiny on 16 px digit crops; experiments/configs/base.py); CLI tests add their own
+# steps and devices.
+TINY_JOB_FLAGS = ("--config=experiments/configs/default.py:tiny",)

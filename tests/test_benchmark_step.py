@@ -7,6 +7,7 @@ two round-robin rounds, a small reference conv, and the compile-only memory tabl
 import jax
 
 from experiments import benchmark_step as bench
+from experiments.configs import base
 
 CONFIGS = (("gspmd", "gspmd", "xla", "data"), ("data / butterfly", "data", "butterfly", "data"))
 MEMORY_CONFIGS = (("gspmd", "gspmd", "xla", "data"), ("lazy", "lazy", "butterfly", "data"))
@@ -52,3 +53,13 @@ def test_memory_rows_are_positive_for_a_tiny_model():
   assert lazy["state_per_device"] < lazy["state_total"]
   md = bench.memory_markdown(rows, "vgg_tiny", 16, len(devices))
   assert "| lazy |" in md and "Check: `lazy`" in md
+
+
+def test_make_config_is_the_base_config_with_the_program_fields():
+  c = bench.make_config("vgg_tiny", 64, 16, "lazy", "ring", classes=7)
+  reference = base.get_config()
+  assert set(c.to_dict()) == set(reference.to_dict())
+  assert c.data.keys() == reference.data.keys() and c.train.keys() == reference.train.keys()
+  assert (c.model.name, c.model.image_size, c.model.num_classes) == ("vgg_tiny", 64, 7)
+  assert c.data.augment.crop_size == 64 and c.data.train_scale >= 64
+  assert (c.parallel.strategy, c.parallel.collective, c.train.batch_size) == ("lazy", "ring", 16)

@@ -17,9 +17,9 @@ def _highres_cfg(**overrides):
   # Small sizes keep every test well under a second per batch on 2 cores.
   cfg = pipeline.default_config()
   cfg.source = "highres"
-  cfg.image_size = 96
-  cfg.num_train_examples = 24
-  cfg.num_eval_examples = 10
+  cfg.highres.image_size = 96
+  cfg.highres.num_train_examples = 24
+  cfg.highres.num_eval_examples = 10
   cfg.train_scale = 64
   cfg.eval_scale = 64
   cfg.augment.crop_size = 56
@@ -185,7 +185,7 @@ _WORKERS_SCRIPT = textwrap.dedent(
       cfg = pipeline.default_config()
       cfg.source, cfg.num_workers = source, 2
       if source == "highres":
-        cfg.image_size, cfg.num_train_examples, cfg.train_scale = 96, 32, 64
+        cfg.highres.image_size, cfg.highres.num_train_examples, cfg.train_scale = 96, 32, 64
         cfg.augment.crop_size = 56
       else:
         cfg.image_size, cfg.train_scale = 32, 32

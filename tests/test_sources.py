@@ -12,12 +12,17 @@ import skimage.data
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from deep_image.data import digits, highres, prepare
+from deep_image.data import digits, highres, prepare, sources
 from deep_image.data.sources import decode_image, make_source
 
 
-def _cfg(**fields) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(fields)
+def _cfg(highres: dict | None = None, **fields) -> ml_collections.ConfigDict:
+  # From the one set of defaults; locked, so a misspelt field fails here.
+  cfg = sources.default_config()
+  cfg.lock()
+  cfg.update(fields)
+  cfg.highres.update(highres or {})
+  return cfg
 
 
 def _digest(image: np.ndarray) -> str:
@@ -61,10 +66,9 @@ def test_digits_source_through_make_source():
 # --------------------------------------------------------------------------- highres
 
 
-def _highres(split="train", **kwargs):
-  cfg = dict(source="highres", image_size=128, num_train_examples=24, num_eval_examples=16)
-  cfg.update(kwargs)
-  return make_source(_cfg(**cfg), split)
+def _highres(split="train", seed=0):
+  sizes = dict(image_size=128, num_train_examples=24, num_eval_examples=16)
+  return make_source(_cfg(source="highres", seed=seed, highres=sizes), split)
 
 
 def test_highres_shapes_dtypes_and_balance():
@@ -75,7 +79,7 @@ def test_highres_shapes_dtypes_and_balance():
   assert isinstance(record["label"], int)
   labels = [source[i]["label"] for i in range(len(source))]
   assert np.bincount(labels).tolist() == [3] * 8
-  big = make_source(_cfg(source="highres", num_classes=12), "train")
+  big = make_source(_cfg(source="highres", highres=dict(num_classes=12)), "train")
   assert len(big) == 10_000 and big.num_classes == 12
   assert big[11]["image"].shape == (512, 512, 3) and big[11]["label"] == 11
   assert (
@@ -135,7 +139,8 @@ def test_highres_through_grain():
 def test_tfds_source_with_mock_data(name, split, shape):
   import tensorflow_datasets as tfds
 
-  cfg = _cfg(source="tfds", name=name, splits={"validation": split})
+  cfg = _cfg(source="tfds", name=name)
+  cfg.splits.validation = split
   with tfds.testing.mock_data(num_examples=6):
     source = make_source(cfg, "validation")
     assert len(source) == 6 and source.num_classes == 10

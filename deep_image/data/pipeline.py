@@ -23,10 +23,12 @@ parameters, so the two modes give the same pixels (to one gray level, tested).
 Eval (`make_eval_iterator`): one pass in source order, the last batch padded with repeats
 of real records and a 'mask' marking the real ones.
 
-Config fields (`config.data`, defaults in `default_config`): train_scale, eval_scale,
-num_workers, worker_buffer_size, augment_on, augment (`augment.default_config()`),
-cache_on_device, cache_budget_bytes, cache_memory_fraction (the last three are read by
-`device_cache`).
+Config fields (`config.data`): `default_config()` is the one place their defaults live, the
+source's fields (`sources.default_config()`) plus train_scale, eval_scale, num_workers,
+worker_buffer_size, augment_on, augment (`augment.default_config()`), cache_on_device,
+cache_budget_bytes, cache_memory_fraction (the last three are read by `device_cache`). The
+experiment configs start from it (`experiments/configs/base.py`); code reads the fields
+directly, so a config without one fails loudly instead of running on a hidden default.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from deep_image.data import augment, augment_device
+from deep_image.data import augment, augment_device, sources
 from deep_image.data.sources import decode_image, make_source
 
 AUGMENT_ON = ("host", "device")
@@ -54,9 +56,10 @@ _TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The pipeline's `config.data` fields (merge into a config with `data.update(...)`).
+  """Every `config.data` field the data code reads: the source's (`sources.default_config`,
+  documented in `deep_image/data/sources.py`) and the pipeline's.
 
-  Fields:
+  Pipeline fields:
     train_scale: S, training images are resized so their shorter side is S (256, 512, ...;
       paper 4.2 trains one model per scale) before the random crop.
     eval_scale: shorter side of evaluation images before the centre crop / dense evaluation.
@@ -73,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     cache_memory_fraction: share of a device's free memory the cache may take; the rest is
       left for activations.
   """
-  cfg = ml_collections.ConfigDict()
+  cfg = sources.default_config()
   cfg.train_scale = 256
   cfg.eval_scale = 256
   cfg.num_workers = 0
@@ -86,10 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _get(data_cfg: Any, name: str) -> Any:
-  # Missing fields fall back to `default_config()`, so older configs keep working.
-  value = data_cfg.get(name, None)
-  return default_config()[name] if value is None else value
+def _get(data_cfg: ml_collections.ConfigDict, name: str) -> Any:
+  # Field `name` read directly (a missing one raises): no second set of defaults. Only
+  # `device_cache` still calls this; new code writes `data_cfg.name`.
+  return data_cfg[name]
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -181,11 +184,11 @@ def init_worker(worker_index: int, worker_count: int) -> None:
 
 
 def _maybe_prefetch(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
-  workers = int(_get(data_cfg, "num_workers") if num_workers is None else num_workers)
+  workers = int(data_cfg.num_workers if num_workers is None else num_workers)
   if workers <= 0:
     return ds
   options = grain.MultiprocessingOptions(
-    num_workers=workers, per_worker_buffer_size=int(_get(data_cfg, "worker_buffer_size"))
+    num_workers=workers, per_worker_buffer_size=int(data_cfg.worker_buffer_size)
   )
   return ds.mp_prefetch(options, worker_init_fn=init_worker)
 
@@ -236,10 +239,10 @@ def make_train_iterator(
       crop larger than the train scale, or a shard smaller than one batch.
   """
   b = _host_batch_size(global_batch_size, process_count)
-  augment_on = _get(data_cfg, "augment_on")
+  augment_on = data_cfg.augment_on
   if augment_on not in AUGMENT_ON:
     raise ValueError(f"data.augment_on={augment_on!r}: expected one of {AUGMENT_ON}")
-  scale, aug_cfg = int(_get(data_cfg, "train_scale")), _get(data_cfg, "augment")
+  scale, aug_cfg = int(data_cfg.train_scale), data_cfg.augment
   if aug_cfg.crop_size > scale:
     raise ValueError(f"data.augment.crop_size={aug_cfg.crop_size} exceeds data.train_scale={scale}")
   src = make_source(data_cfg, "train") if source is None else source
@@ -341,7 +344,7 @@ def make_eval_iterator(
   if mode not in EVAL_MODES:
     raise ValueError(f"eval mode={mode!r}: expected one of {EVAL_MODES}")
   src = make_source(data_cfg, split) if source is None else source
-  scale, crop = int(_get(data_cfg, "eval_scale")), int(_get(data_cfg, "augment").crop_size)
+  scale, crop = int(data_cfg.eval_scale), int(data_cfg.augment.crop_size)
   if mode == "center" and crop > scale:
     raise ValueError(f"data.augment.crop_size={crop} exceeds data.eval_scale={scale}")
   total = -(-len(src) // global_batch_size) * global_batch_size

@@ -8,18 +8,22 @@ has `num_classes`, and yields dicts with at least:
 
 so the pipeline calls `decode_image(record['image'])` without asking which source it has.
 
-Config fields (`data_cfg`, an ml_collections.ConfigDict or anything with `.get`):
-  source        'tfds' | 'array_record' | 'digits' | 'highres'
-  splits        optional {generic split: source split}, e.g. {'validation': 'test'} for
-                cifar10; splits not listed pass through unchanged
-  seed          int, default 0 (digits split, highres scenes)
-  tfds:         name (e.g. 'imagenet2012'), data_dir (default: TFDS's)
-  array_record: data_dir; split `s` is read from data_dir/s (a `prepare` output folder),
-                verify_checksums (default False)
-  digits:       image_size (default 32)
-  highres:      image_size (default 512), num_classes (8), num_train_examples (10000),
-                num_eval_examples (1000), object_size ((12, 20)), num_objects ((2, 4)),
-                num_distractors ((2, 4))
+Config fields (`config.data`; every default lives in `default_config` below):
+  source                'digits' | 'tfds' | 'array_record' | 'highres'
+  splits.train, splits.validation
+                        the source's name for each generic split, e.g. splits.validation='test'
+                        for TFDS cifar10, 'val' for an ImageNet `prepare` output; another split
+                        name passes through unchanged
+  seed                  the dataset's own seed (digits' train/test split, highres scenes),
+                        separate from the run's `config.seed` so a new run seed keeps the data
+  name                  tfds: dataset name, e.g. 'imagenet2012'
+  data_dir              tfds: TFDS data dir ('' = TFDS's default); array_record: the root of
+                        `prepare` outputs, split `s` read from data_dir/splits.s
+  verify_checksums      array_record: sha256 of every shard against the manifest on open
+  image_size            digits: side the 8x8 digits are upsampled to
+  highres.*             highres: image_size, num_classes, num_train_examples,
+                        num_eval_examples, object_size, num_objects, num_distractors
+                        (see `deep_image.data.highres.render_scene`)
 """
 
 from __future__ import annotations
@@ -27,29 +31,48 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Any
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
 SOURCES = ("tfds", "array_record", "digits", "highres")
 
 
-def _field(data_cfg: Any, name: str, default: Any = None) -> Any:
-  # ConfigDict and dict both have .get; a missing required field is reported by the caller.
-  return data_cfg.get(name, default)
+def default_config() -> ml_collections.ConfigDict:
+  """The source fields of `config.data` with their defaults (the module docstring says what
+  each one means); `pipeline.default_config()` adds the pipeline's fields to these."""
+  cfg = ml_collections.ConfigDict()
+  cfg.source = "digits"
+  cfg.splits = ml_collections.ConfigDict({"train": "train", "validation": "validation"})
+  cfg.seed = 0
+  cfg.name = ""
+  cfg.data_dir = ""
+  cfg.verify_checksums = False
+  cfg.image_size = 32
+  cfg.highres = ml_collections.ConfigDict(
+    {
+      "image_size": 512,
+      "num_classes": 8,
+      "num_train_examples": 10_000,
+      "num_eval_examples": 1_000,
+      "object_size": (12, 20),
+      "num_objects": (2, 4),
+      "num_distractors": (2, 4),
+    }
+  )
+  return cfg
 
 
-def _split_name(data_cfg: Any, split: str) -> str:
-  splits = _field(data_cfg, "splits") or {}
-  return splits.get(split, split)
+def _split_name(data_cfg: ml_collections.ConfigDict, split: str) -> str:
+  return data_cfg.splits[split] if split in data_cfg.splits else split
 
 
-def make_source(data_cfg: Any, split: str):
+def make_source(data_cfg: ml_collections.ConfigDict, split: str):
   """Builds the source that `data_cfg.source` names.
 
   Args:
-    data_cfg: data config (fields in the module docstring).
+    data_cfg: `config.data` (every field of `default_config` present).
     split: generic split name, e.g. 'train' or 'validation'; mapped through
       `data_cfg.splits`.
 
@@ -59,40 +82,38 @@ def make_source(data_cfg: Any, split: str):
   Raises:
     ValueError: unknown source or missing required field.
   """
-  kind = _field(data_cfg, "source")
+  kind = data_cfg.source
   name = _split_name(data_cfg, split)
-  seed = int(_field(data_cfg, "seed", 0))
+  seed = int(data_cfg.seed)
   if kind == "tfds":
     from deep_image.data.tfds_source import TfdsSource
 
-    if not _field(data_cfg, "name"):
+    if not data_cfg.name:
       raise ValueError("data.source='tfds' needs data.name, e.g. 'imagenet2012'")
-    return TfdsSource(data_cfg.name, name, _field(data_cfg, "data_dir"))
+    return TfdsSource(data_cfg.name, name, data_cfg.data_dir or None)
   if kind == "array_record":
     from deep_image.data.array_record_source import ArrayRecordSource
 
-    if not _field(data_cfg, "data_dir"):
+    if not data_cfg.data_dir:
       raise ValueError("data.source='array_record' needs data.data_dir (prepare's --dst root)")
-    return ArrayRecordSource(
-      os.path.join(data_cfg.data_dir, name), bool(_field(data_cfg, "verify_checksums", False))
-    )
+    return ArrayRecordSource(os.path.join(data_cfg.data_dir, name), bool(data_cfg.verify_checksums))
   if kind == "digits":
     from deep_image.data.digits import DigitsSource
 
-    return DigitsSource(int(_field(data_cfg, "image_size", 32)), name, seed)
+    return DigitsSource(int(data_cfg.image_size), name, seed)
   if kind == "highres":
     from deep_image.data.highres import HighResSource
 
-    size_field = "num_train_examples" if name == "train" else "num_eval_examples"
+    hr = data_cfg.highres
     return HighResSource(
       split=name,
-      num_examples=int(_field(data_cfg, size_field, 10_000 if name == "train" else 1_000)),
-      image_size=int(_field(data_cfg, "image_size", 512)),
-      num_classes=int(_field(data_cfg, "num_classes", 8)),
+      num_examples=int(hr.num_train_examples if name == "train" else hr.num_eval_examples),
+      image_size=int(hr.image_size),
+      num_classes=int(hr.num_classes),
       seed=seed,
-      object_size=tuple(_field(data_cfg, "object_size", (12, 20))),
-      num_objects=tuple(_field(data_cfg, "num_objects", (2, 4))),
-      num_distractors=tuple(_field(data_cfg, "num_distractors", (2, 4))),
+      object_size=tuple(hr.object_size),
+      num_objects=tuple(hr.num_objects),
+      num_distractors=tuple(hr.num_distractors),
     )
   raise ValueError(f"data.source={kind!r}: expected one of {SOURCES}")
 

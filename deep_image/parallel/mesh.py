@@ -8,7 +8,7 @@ weights over the same devices, as in the paper's model-data parallelism.
 
 The logical axis names on parameters (see `deep_image.models.vgg`) map to
 mesh axes through `logical_rules`: ``'model'`` (the split FC dimension) goes to
-`config.parallel.model_axes` (default: every mesh axis), or nowhere when
+`config.parallel.model_axes` (empty, the default: every mesh axis), or nowhere when
 `config.parallel.shard_fc` is False.
 """
 
@@ -35,7 +35,7 @@ def maybe_initialize_distributed(parallel_cfg) -> None:
   touched; a single-process run does nothing.
   """
   global _distributed_initialized
-  mode = parallel_cfg.get("distributed", "off")
+  mode = parallel_cfg.distributed
   if _distributed_initialized or mode == "off":
     return
   # Cross-process collectives on CPU need a transport; gloo ships with jaxlib.
@@ -109,8 +109,9 @@ def make_mesh(parallel_cfg, devices=None) -> Mesh:
 
 def logical_rules(parallel_cfg, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   """Flax logical-axis rules: 'model' -> mesh axes of the split FC dim, 'batch' -> all."""
-  model_axes = parallel_cfg.get("model_axes") or mesh.axis_names
-  if not parallel_cfg.get("shard_fc", True):
+  # An empty `parallel.model_axes` (the default) means every mesh axis.
+  model_axes = parallel_cfg.model_axes or mesh.axis_names
+  if not parallel_cfg.shard_fc:
     model_axes = None
   elif isinstance(model_axes, str):
     model_axes = (model_axes,)

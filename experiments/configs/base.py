@@ -1,36 +1,116 @@
-"""Base config shared by every experiment; variant files override a few fields.
+r"""Base config: every field the code reads, with its default (the digits job).
 
-Fields (all overridable with --config.FIELD=VALUE):
-  seed                   weights, data order and dropout all derive from it.
-  model.name             a key of deep_image.models.vgg.MODELS.
-  model.num_classes, model.image_size (training crop side), model.dropout,
-  model.dtype            'float32' or 'bfloat16' compute (params stay float32).
-  data.source            'digits' | 'tfds' | 'array_record' | 'highres'
-                         (deep_image/data/sources.py documents each one's fields).
-  data.image_size        digits: side the 8x8 digits are upsampled to.
-  data.eval_split        split of the final evaluation ('validation').
-  data.train_scale, data.eval_scale, data.num_workers, data.augment_on,
-  data.augment.*, data.cache_on_device, ...: the Grain pipeline and device
-                         cache (deep_image/data/pipeline.py:default_config);
-                         data.augment.crop_size must equal model.image_size.
-  parallel.strategy      'gspmd' | 'data' | 'lazy' | 'hybrid'.
-  parallel.collective    'butterfly' | 'ring' | 'direct' | 'xla'.
-  parallel.conv          hybrid only: conv layers 'data' or 'lazy'.
-  parallel.mesh          ((axis, size), ...), one size may be -1 (the rest).
-  parallel.num_devices   on a CPU-only machine without XLA_FLAGS, how many
-                         host devices to simulate.
-  parallel.distributed   'off' | 'auto' | 'explicit' (multi-host).
-  train.num_steps, train.batch_size (global), train.learning_rate (peak),
-  train.warmup_steps, train.momentum, train.weight_decay, train.log_every,
-  train.eval_batch_size.
+  python -m experiments.train --config=experiments/configs/base.py --workdir=/tmp/base
+  python -m experiments.train --config=experiments/configs/base.py:tiny --workdir=/tmp/tiny
+
+Every experiment config starts here and changes values only, so every field below exists
+in every config and `--config.FIELD=VALUE` works on any of them. Library code reads the
+fields directly (`config.data.data_dir`), with no defaults of its own. The data fields
+come from `deep_image.data.pipeline.default_config()` (the source's, the pipeline's and
+the augmentations'), the one place they are defined; this file sets the digits job's
+values. `get_config(arg)`: `arg` is a comma-separated list of variants applied in order
+(`--config=FILE:tiny`); `tiny` shrinks the job to seconds on a CPU (vgg_tiny, 16 px
+crops, batch 32, 12 steps). An unknown variant raises ValueError naming the known ones.
+
+Fields (tests/test_configs.py checks that this table lists every field, and its defaults):
+
+field                                   default          meaning
+seed                                    0                run seed: weights, data order, dropout
+model.name                              'vgg_small'      a key of deep_image.models.vgg.MODELS
+model.num_classes                       10               classifier outputs
+model.image_size                        32               training crop side (= crop_size)
+model.in_channels                       3                input channels
+model.dropout                           0.0              dropout rate after FC1 and FC2
+model.dtype                             'float32'        compute, 'float32' | 'bfloat16'
+data.source                             'digits'         digits | tfds | array_record | highres
+data.splits.train                       'train'          the source's name of the train split
+data.splits.validation                  'validation'     ... of 'validation' ('val', 'test')
+data.seed                               0                the dataset's (digits split, highres)
+data.name                               ''               tfds: dataset name ('imagenet2012')
+data.data_dir                           ''               array_record: prepare's --dst root
+data.verify_checksums                   False            array_record: sha256 shards on open
+data.image_size                         32               digits: side the 8x8 digits go to
+data.highres.image_size                 512              highres: scene side
+data.highres.num_classes                8                highres: classes, 2..12
+data.highres.num_train_examples         10000            highres: train split size
+data.highres.num_eval_examples          1000             highres: validation split size
+data.highres.object_size                (12, 20)         highres: object side range, px
+data.highres.num_objects                (2, 4)           highres: class objects per scene
+data.highres.num_distractors            (2, 4)           highres: distractors per scene
+data.eval_split                         'validation'     split of the periodic and final eval
+data.train_scale                        36               S: train images' shorter side
+data.eval_scale                         36               eval images' shorter side
+data.num_workers                        0                Grain worker processes (0: in-process)
+data.worker_buffer_size                 2                batches each worker prepares ahead
+data.augment_on                         'host'           'host' | 'device' (in the jitted step)
+data.cache_on_device                    False            S x S train set in device memory
+data.cache_budget_bytes                 2147483648       cache: free bytes where none reported
+data.cache_memory_fraction              0.5              cache: share of free device memory
+data.augment.crop_size                  32               c: random train / centre eval crop
+data.augment.crop.enabled               True             random crop offset (else centre)
+data.augment.flip.enabled               False            horizontal flips (off: digits)
+data.augment.flip.probability           0.5              chance per image
+data.augment.rotation.enabled           True             rotation
+data.augment.rotation.probability       0.5              chance per image
+data.augment.rotation.max_degrees       10               angle bound (grid: +-1..10 degrees)
+data.augment.lens_distortion.enabled    True             lens distortion
+data.augment.lens_distortion.probability 0.5             chance per image
+data.augment.lens_distortion.kinds      ('barrel', 'pincushion', 'stretch_h', 'stretch_v')  kinds
+data.augment.lens_distortion.max_degree 25               degree bound (grid 1..65)
+data.augment.vignetting.enabled         True             vignetting
+data.augment.vignetting.probability     0.5              chance per image
+data.augment.vignetting.min_radius      0.0              radius bounds (0 centre, 1 corner)
+data.augment.vignetting.max_radius      0.975            ...
+data.augment.vignetting.min_strength    0.02             strength bounds (grid 0.02..0.98)
+data.augment.vignetting.max_strength    0.5              ...
+data.augment.color_cast.enabled         True             colour casting
+data.augment.color_cast.probability     0.5              chance per image
+data.augment.color_cast.channel_probability 0.5          chance each channel is shifted
+data.augment.color_cast.max_shift       20               shift bound (grid -20..20)
+parallel.strategy                       'hybrid'         'gspmd' | 'data' | 'lazy' | 'hybrid'
+parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
+parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
+parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1: the rest
+parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
+parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
+parallel.num_devices                    8                CPU-only: host devices to simulate
+parallel.distributed                    'off'            'off' | 'auto' | 'explicit' (multi-host)
+parallel.coordinator_address            ''               explicit: 'host:port' of process 0
+parallel.num_processes                  1                explicit: processes in the job
+parallel.process_id                     0                explicit: this process, 0..N-1
+train.num_steps                         600              optimizer steps
+train.batch_size                        64               global batch (all devices)
+train.learning_rate                     0.01             peak rate (warmup, then cosine to 0)
+train.lr_batch_reference                0                >0: peak x batch_size / this
+train.warmup_steps                      50               linear warmup steps
+train.momentum                          0.9              SGD momentum
+train.weight_decay                      0.0005           L2 on kernels
+train.log_every                         50               steps per metrics.jsonl record
+train.eval_every                        5000             eval every N steps (0: at the end only)
+train.eval_batch_size                   128              global eval batch
+train.checkpoint_every                  1000             checkpoint every N steps (0: end only)
+train.keep_checkpoints                  3                latest checkpoints kept (+ best top-1)
+
+`model.image_size` must equal `data.augment.crop_size`; `data.seed` is separate from
+`seed` so that a new run seed keeps the same dataset (digits' train/test split, highres
+scenes). `parallel.model_axes` empty means every mesh axis. The end of a run always
+evaluates and checkpoints. Source fields: `deep_image/data/sources.py`; pipeline fields:
+`deep_image/data/pipeline.py:default_config`; augmentation grids: `deep_image/data/augment.py`.
 """
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
 
 import ml_collections
 
 from deep_image.data import pipeline
 
+Variant = Callable[[ml_collections.ConfigDict], None]
 
-def get_config() -> ml_collections.ConfigDict:
+
+def _job() -> ml_collections.ConfigDict:
+  """The digits job: every field, with the values of the table above."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -42,6 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.dtype = "float32"
 
+  # The data code's fields and defaults (source, pipeline, augmentations, device cache);
+  # below, only the values of the digits job.
   c.data = pipeline.default_config()
   c.data.source = "digits"
   c.data.image_size = 32
@@ -59,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel.collective = "butterfly"
   c.parallel.conv = "data"
   c.parallel.mesh = (("data", -1),)
+  c.parallel.model_axes = ()
   c.parallel.shard_fc = True
   c.parallel.num_devices = 8
   c.parallel.distributed = "off"
@@ -75,5 +158,50 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.momentum = 0.9
   c.train.weight_decay = 5e-4
   c.train.log_every = 50
+  c.train.eval_every = 5000
   c.train.eval_batch_size = 128
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
   return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+  """The `tiny` variant of a digits config, in place: vgg_tiny on 16 px crops, 12 steps.
+
+  Seconds on a CPU: tests, smoke runs and sweeps of the machinery, not of accuracy.
+  """
+  c.model.name = "vgg_tiny"
+  c.model.image_size = c.data.augment.crop_size = 16
+  c.data.image_size = 16
+  c.data.train_scale = c.data.eval_scale = 18
+  c.train.num_steps = 12
+  c.train.warmup_steps = 2
+  c.train.batch_size = 32
+  c.train.log_every = 4
+  c.train.eval_every = c.train.checkpoint_every = 8
+
+
+VARIANTS: dict[str, Variant] = {"tiny": tiny}
+
+
+def apply_variants(
+  c: ml_collections.ConfigDict, arg: str | None, variants: Mapping[str, Variant]
+) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variant names of `arg` (the text after ':' in
+  `--config=FILE:arg`) in order, each a function that edits `c` in place; returns `c`.
+
+  Raises:
+    ValueError: a name that `variants` does not define (naming it and the known ones).
+  """
+  for name in (n.strip() for n in (arg or "").split(",")):
+    if not name:
+      continue
+    if name not in variants:
+      raise ValueError(f"unknown config variant {name!r}: this file defines {sorted(variants)}")
+    variants[name](c)
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The base config (the digits job); `arg`: comma-separated variants ('tiny')."""
+  return apply_variants(_job(), arg, VARIANTS)
