@@ -288,6 +288,16 @@ def stack_params(params: Sequence[AugmentParams]) -> AugmentParams:
   return AugmentParams(**arrays, crop_size=sizes.pop())
 
 
+_PROBABILITY_FIELDS = (
+  "flip.probability",
+  "rotation.probability",
+  "lens_distortion.probability",
+  "vignetting.probability",
+  "color_cast.probability",
+  "color_cast.channel_probability",
+)
+
+
 def _pick(u: float, values: Sequence):
   # Uniform choice from a discrete grid with one uniform variate; min() guards u -> 1.
   return values[min(int(u * len(values)), len(values) - 1)]
@@ -319,7 +329,16 @@ class SamplingSpace:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> SamplingSpace:
-    """Snapshot of a `default_config()`-shaped config (later edits to cfg are not seen)."""
+    """Snapshot of a `default_config()`-shaped config (later edits to cfg are not seen).
+
+    Raises:
+      ValueError naming the field when a probability is outside [0, 1].
+    """
+    for field in _PROBABILITY_FIELDS:
+      group, name = field.split(".")
+      value = cfg[group][name]
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"data.augment.{field}={value} must be a probability in [0, 1]")
     on = lambda sub, *spaces: float(sub.probability) if sub.enabled and all(spaces) else 0.0
     rotations = rotation_values(cfg)
     kinds, degrees = lens_values(cfg)
