@@ -2,6 +2,8 @@ r"""Run one training job as N processes on this machine (JAX's distributed runti
 
   python -m launch.local --num_processes=2 -- \
       --config=experiments/configs/default.py --workdir=/tmp/mp
+  python -m launch.local --num_processes=2 -- \
+      --config=experiments/configs/default.py:tiny --workdir=/tmp/mp_tiny
 
 Starts N copies of `python -m experiments.train ARGS` with
 `--config.parallel.distributed=explicit`, a coordinator on 127.0.0.1 and
