@@ -79,7 +79,11 @@ def _free_bytes_per_device(data_cfg: Any, sharding: NamedSharding) -> tuple[int,
     value, where = min(free), "device.memory_stats()"
   if jax.process_count() > 1:
     # Every process must take the same decision, or they would build different programs.
-    value = int(np.min(multihost_utils.process_allgather(np.int64(value))))
+    # Without jax_enable_x64 the gather is int32, which wraps byte counts of 2 GiB and more:
+    # send the value as two int32 halves (value = high * 2**31 + low) and rebuild it.
+    halves = np.asarray(divmod(value, 1 << 31), np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64).reshape(-1, 2)
+    value = int(np.min(gathered[:, 0] * (1 << 31) + gathered[:, 1]))
   return value, where
 
 
