@@ -36,8 +36,19 @@ def _workdir(args: list[str]) -> str:
   raise app.UsageError("pass the train script's --workdir=DIR after --")
 
 
+def _config_first(args: list[str]) -> list[str]:
+  """`args` with `--config=FILE[:variants]` moved to the front.
+
+  ml_collections' config flag must come before any `--config.x=y` override (it rejects an
+  override that precedes it), and this launcher appends overrides of its own; so the
+  train arguments may come in any order.
+  """
+  first = [a for a in args if a.startswith("--config=")]
+  return first + [a for a in args if not a.startswith("--config=")]
+
+
 def main(argv):
-  train_args = argv[1:]
+  train_args = _config_first(argv[1:])
   workdir = _workdir(train_args)
   os.makedirs(workdir, exist_ok=True)
   n = _NUM_PROCESSES.value
