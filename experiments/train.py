@@ -3,6 +3,11 @@ r"""Train a Deep Image model.
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/run \
       [--config.parallel.strategy=data --config.train.num_steps=100 ...]
 
+Rerunning the same command resumes from the latest checkpoint in --workdir
+(`resumed from step N`); a finished workdir is left as it is. SIGTERM saves a
+checkpoint and exits 0. A config that cannot run stops before the first step
+with one line naming the field.
+
 On a CPU-only machine, unless XLA_FLAGS already sets
 --xla_force_host_platform_device_count, the run simulates
 `config.parallel.num_devices` host devices (8 by default), so the default job
@@ -11,6 +16,8 @@ exercises the multi-device code paths anywhere.
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "experiments/configs/default.py", "Experiment config file.", lock_config=True
@@ -31,8 +38,10 @@ def main(argv):
   from deep_image.train import train_and_evaluate
 
   logging.info("config:\n%s", config)
-  train_and_evaluate(config, _WORKDIR.value)
+  result = train_and_evaluate(config, _WORKDIR.value)
+  if result.get("preempted"):
+    logging.info("preempted at step %d; rerun the same command to resume", result["step"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

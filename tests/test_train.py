@@ -1,6 +1,5 @@
 """The train loop and CLI: metrics, determinism, device counts, errors, the default job."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,16 +8,14 @@ import pytest
 from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS
 
 from deep_image.train import train_and_evaluate
+from deep_image.train.metrics import read_metrics
 from experiments.configs import default
 
 
 def short_config(**overrides):
-  c = default.get_config()
-  c.model.name = "vgg_tiny"
-  c.data.image_size = c.model.image_size = c.data.augment.crop_size = 16
-  c.data.train_scale = c.data.eval_scale = 18
+  c = default.get_config("tiny")
   c.train.num_steps, c.train.log_every, c.train.batch_size = 12, 4, 32
-  c.train.warmup_steps = 2
+  c.train.eval_every, c.train.checkpoint_every = 8, 4
   for key, value in overrides.items():
     *sections, field = key.split(".")
     target = c
@@ -28,25 +25,33 @@ def short_config(**overrides):
   return c
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_metrics_file_and_determinism(tmp_path):
   final = train_and_evaluate(short_config(), str(tmp_path / "a"))
-  records = read_metrics(tmp_path / "a")
-  steps = [r for r in records if "split" not in r]
+  steps, evals = read_metrics(str(tmp_path / "a"))
   assert [r["step"] for r in steps] == [4, 8, 12]
   for r in steps:
-    assert {"step", "loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(r)
+    assert {"loss", "top1", "top5", "learning_rate", "images_per_sec", "step_time"} <= set(r)
+    assert {"grad_norm", "param_norm", "update_norm"} <= set(r)
     assert r["images_per_sec"] > 0
-  assert records[-1] == final
+  # Evaluated during training (train.eval_every=8) and at the end.
+  assert [(r["step"], r["split"]) for r in evals] == [(8, "validation"), (12, "validation")]
+  assert {k: final[k] for k in evals[-1]} == evals[-1]
   assert final["split"] == "validation" and 0.0 <= final["top1"] <= final["top5"] <= 1.0
+  assert final["images_per_sec"] > 0
+  # Checkpoints every 4 steps, the latest 3 kept.
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["12", "4", "8"]
 
   train_and_evaluate(short_config(), str(tmp_path / "b"))
-  again = read_metrics(tmp_path / "b")
-  assert [r["loss"] for r in again[:-1]] == [r["loss"] for r in steps]  # bit-identical
+  again, _ = read_metrics(str(tmp_path / "b"))
+  assert [r["loss"] for r in again] == [r["loss"] for r in steps]  # bit-identical
+
+
+def test_images_per_sec_leaves_out_compilation(tmp_path):
+  train_and_evaluate(short_config(**{"train.log_every": 1}), str(tmp_path))
+  steps, _ = read_metrics(str(tmp_path))
+  # Step 1 is compilation: it is never timed; every later step is.
+  assert "images_per_sec" not in steps[0]
+  assert all(r["images_per_sec"] > 0 for r in steps[1:])
 
 
 @pytest.mark.parametrize(
@@ -56,18 +61,15 @@ def test_metrics_file_and_determinism(tmp_path):
 )
 def test_other_input_paths_train(tmp_path, overrides):
   final = train_and_evaluate(short_config(**overrides), str(tmp_path))
-  steps = [r for r in read_metrics(tmp_path) if "split" not in r]
+  steps, _ = read_metrics(str(tmp_path))
   assert len(steps) == 3 and all(r["loss"] == r["loss"] for r in steps)
   assert 0.0 <= final["top1"] <= 1.0
 
 
-def test_crop_and_model_size_must_agree(tmp_path):
-  with pytest.raises(ValueError, match="model.image_size=16 must equal data.augment.crop_size=12"):
-    train_and_evaluate(short_config(**{"data.augment.crop_size": 12}), str(tmp_path))
-
-
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-  with pytest.raises(FloatingPointError, match="loss is .* at step 4"):
+  with pytest.raises(
+    FloatingPointError, match=r"non-finite .*loss=nan.* at step 4; no checkpoint was saved yet"
+  ):
     train_and_evaluate(short_config(**{"train.learning_rate": 1e12}), str(tmp_path))
 
 
@@ -101,14 +103,14 @@ def test_cli_simulates_the_configured_device_count(tmp_path):
   run = _cli(tmp_path, "--config.parallel.num_devices=4", "--config.train.batch_size=16")
   assert run.returncode == 0, run.stderr[-2000:]
   assert "mesh {'data': 4} on 4 cpu devices" in run.stderr
-  assert len(read_metrics(tmp_path)) == 3  # 2 steps + the final record
+  assert len(read_metrics(str(tmp_path))[0]) == 2
 
 
 def test_cli_trains_with_two_grain_worker_processes(tmp_path):
   run = _cli(tmp_path, "--config.data.num_workers=2", "--config.train.batch_size=16")
   assert run.returncode == 0, run.stderr[-2000:]
   assert "training input: grain (2 workers" in run.stderr
-  assert len(read_metrics(tmp_path)) == 3
+  assert len(read_metrics(str(tmp_path))[0]) == 2
 
 
 def test_cli_rejects_a_bad_config_before_training(tmp_path):

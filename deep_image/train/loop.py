@@ -1,87 +1,159 @@
-"""`train_and_evaluate(config, workdir)`: the training loop every script and test calls."""
+"""`train_and_evaluate(config, workdir)`: the training loop every script and test calls.
+
+One run lives in one workdir:
+
+===================  ========================================================
+WORKDIR/             written
+===================  ========================================================
+checkpoints/<step>/  every `train.checkpoint_every` steps, at each evaluation,
+                     at the end and on SIGTERM (`deep_image.train.checkpoint`)
+metrics.jsonl        one record per logged step and per evaluation; on
+                     resume the records past the restored step are dropped
+tensorboard/         the same numbers as TensorBoard scalars
+result.json          the final evaluation, written last: a finished run
+===================  ========================================================
+
+Calling it again with the same workdir resumes from the latest complete
+checkpoint (logging `resumed from step N`) and continues exactly as the
+uninterrupted run would have; on a finished workdir it returns result.json.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import statistics
+import threading
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from deep_image.data import device_cache, pipeline
-from deep_image.data.global_batch import to_global
-from deep_image.data.sources import make_source
+from deep_image.config_error import ConfigError
+from deep_image.data import pipeline
 from deep_image.evaluate.accuracy import evaluate_batches
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
+from deep_image.train.checkpoint import Checkpointer, IncompatibleCheckpoint
 from deep_image.train.metrics import MetricsWriter, Progress
 from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
+from deep_image.train.preflight import preflight
+from deep_image.train.train_input import TrainInput
+
+RESULT_NAME = "result.json"
 
 
-def _check_data_config(config) -> None:
+def _preprocess_for(config):
+  """The in-step crop + augmentation of `data.augment_on='device'` batches."""
   crop = config.data.augment.crop_size
-  if config.model.image_size != crop:
-    raise ValueError(
-      f"model.image_size={config.model.image_size} must equal data.augment.crop_size={crop} "
-      "(the network is built for the training crop)"
-    )
+
+  def preprocess(images, augment):
+    return pipeline.device_augment({"image": images, "augment": augment}, crop)
+
+  return preprocess
 
 
-def _train_batches(config, strategy):
-  """Global training batches: (images, labels, augment | None), all sharded on the batch.
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
 
-  From the device cache when `data.cache_on_device` and the data fit (paper
-  3.1), else from the Grain pipeline. Returns (iterator, description).
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Window:
+  """Images/s and step time over the steps since the last report.
+
+  The first step of a process (compilation) and time spent evaluating or
+  saving are never counted: `restart()` after them.
   """
-  if config.data.get("cache_on_device", False):
-    cache = device_cache.DeviceCache.build(
-      make_source(config.data, "train"),
-      config.data,
-      strategy.batch_sharding,
-      global_batch_size=config.train.batch_size,
-      seed=config.seed,
-    )
-    if cache is not None:
-      return ((images, labels, None) for images, labels in cache), "device cache"
-  it = pipeline.make_train_iterator(
-    config.data,
-    global_batch_size=config.train.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
 
-  def to_device(batch):
-    put = lambda x: to_global(x, strategy.batch_sharding)  # noqa: E731
-    augment = jax.tree.map(put, batch["augment"]) if "augment" in batch else None
-    return put(batch["image"]), put(batch["label"]), augment
+  def __init__(self):
+    self.start, self.steps = None, 0
 
-  kind = f"grain ({config.data.num_workers} workers, augment on {config.data.augment_on})"
-  return map(to_device, it), kind
+  def restart(self):
+    self.start, self.steps = time.perf_counter(), 0
+
+  def step(self):
+    self.steps += 1
+
+  def report(self, batch_size: int) -> dict:
+    if self.start is None or self.steps == 0:
+      return {}
+    elapsed = time.perf_counter() - self.start
+    return {"images_per_sec": self.steps * batch_size / elapsed, "step_time": elapsed / self.steps}
+
+
+def _host_metrics(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _read_result(workdir: str) -> dict | None:
+  path = os.path.join(workdir, RESULT_NAME)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_result(workdir: str, result: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, RESULT_NAME)
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Train `config.train.num_steps` steps, then evaluate on `data.eval_split`.
+  """Train `train.num_steps` steps (resuming if WORKDIR holds a checkpoint), evaluate.
 
-  Writes DIR/metrics.jsonl: one record per logged step (step, loss, top1, top5,
-  learning_rate, images_per_sec, step_time) and a final record (split, top1,
-  top5, step). Returns the final record. Raises FloatingPointError at the
-  first logged non-finite loss.
+  Evaluates on `data.eval_split` every `train.eval_every` steps and at the end;
+  saves checkpoints as the module docstring says.
+
+  Returns:
+    the final evaluation {'step', 'split', 'top1', 'top5', 'count',
+    'images_per_sec' (median of the logged windows)}, also written to
+    WORKDIR/result.json; or {'step', 'preempted': True} after SIGTERM (a
+    checkpoint of that step is saved).
+  Raises:
+    ConfigError: before the first step, for a config that cannot run.
+    FloatingPointError: at a non-finite loss or norm, naming the step and the
+      last good checkpoint (which is kept).
   """
   mesh_lib.maybe_initialize_distributed(config.parallel)
-  strategies.validate_parallel_config(config, jax.device_count())
+  finished = _read_result(workdir)
+  if finished is not None:
+    logging.info("%s is a finished run (%s): nothing to do", workdir, RESULT_NAME)
+    return finished
+  train_source, eval_source = preflight(config, workdir, jax.device_count())
   mesh = mesh_lib.make_mesh(config.parallel)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
 
-  _check_data_config(config)
   model = make_model(config.model)
-  strategy = strategies.make_strategy(config, model, make_optimizer(config.train), mesh)
-  schedule = learning_rate_schedule(config.train)
-  state = strategy.init(jax.random.key(config.seed))
-  batches, input_kind = _train_batches(config, strategy)
-  logging.info("training input: %s", input_kind)
+  strategy = strategies.make_strategy(
+    config, model, make_optimizer(config.train), mesh, preprocess=_preprocess_for(config)
+  )
+  batches = TrainInput(config, strategy.batch_sharding, train_source)
+  logging.info("training input: %s", batches.kind)
   logging.info(
     "strategy %s, collective %s, %d parameters",
     strategy.name,
@@ -89,50 +161,144 @@ def train_and_evaluate(config, workdir: str) -> dict:
     sum(math.prod(x.shape) for x in jax.tree.leaves(strategy.param_shapes)),
   )
 
-  writer = MetricsWriter(workdir)
-  num_steps, log_every = config.train.num_steps, config.train.log_every
-  progress = Progress(num_steps)
-  window_start, window_steps = time.perf_counter(), 0
-  for step in range(1, num_steps + 1):
-    state, metrics = strategy.train_step(state, *next(batches))
-    window_steps += 1
-    if step % log_every == 0 or step == num_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-          f"loss is {metrics['loss']} at step {step}; lower train.learning_rate "
-          f"({config.train.learning_rate}) or check the data"
-        )
-      elapsed = time.perf_counter() - window_start
-      record = {
-        "step": step,
-        **metrics,
-        "learning_rate": float(schedule(step - 1)),
-        "images_per_sec": window_steps * config.train.batch_size / elapsed,
-        "step_time": elapsed / window_steps,
-      }
-      writer.write(record)
-      progress.log(
-        step,
-        window_steps / elapsed,
-        {k: record[k] for k in ("loss", "top1", "learning_rate", "images_per_sec")},
-      )
-      window_start, window_steps = time.perf_counter(), 0
+  checkpoints = Checkpointer(workdir, config.train.keep_checkpoints)
+  start = checkpoints.latest_step()
+  if start is None:
+    start, state = 0, strategy.init(jax.random.key(config.seed))
+  else:
+    try:
+      state = checkpoints.restore(start, strategy, config, batches)
+    except IncompatibleCheckpoint as e:
+      raise ConfigError(str(e)) from None
+    logging.info("resumed from step %d (%s)", start, checkpoints.step_dir(start))
 
-  split = config.data.get("eval_split", "validation")
-  eval_batches = pipeline.make_eval_iterator(
-    config.data,
-    global_batch_size=config.train.eval_batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    split=split,
-  )
-  result = evaluate_batches(
-    model, strategy.full_params(state), eval_batches, strategy.batch_sharding
-  )
-  final = {"split": split, "step": num_steps, "top1": result["top1"], "top5": result["top5"]}
-  writer.write(final)
-  logging.info(
-    "%s: top1 %.4f top5 %.4f on %d images", split, final["top1"], final["top5"], result["count"]
-  )
-  return final
+  run = _Run(config, workdir, strategy, model, batches, eval_source, checkpoints, start)
+  try:
+    with _Preemption() as preemption:
+      return run.train(state, preemption)
+  finally:
+    run.close()
+
+
+class _Run:
+  """The loop's moving parts; `train` runs the steps from `start` to the end."""
+
+  def __init__(self, config, workdir, strategy, model, batches, eval_source, checkpoints, start):
+    self.config, self.workdir, self.strategy, self.model = config, workdir, strategy, model
+    self.batches, self.eval_source, self.checkpoints = batches, eval_source, checkpoints
+    self.start = start
+    self.writer = MetricsWriter(workdir, resume_step=start)
+    self.schedule = learning_rate_schedule(config.train)
+    self.window_rates: list[float] = []
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.writer.close()
+
+  # --- pieces ----------------------------------------------------------------
+  def _fail_if_not_finite(self, step: int, metrics: dict) -> None:
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if not bad:
+      return
+    self.checkpoints.wait()
+    last = self.checkpoints.latest_step()
+    kept = (
+      f"the last good checkpoint is step {last} ({self.checkpoints.step_dir(last)}), kept"
+      if last is not None
+      else "no checkpoint was saved yet"
+    )
+    raise FloatingPointError(
+      f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; {kept}. "
+      f"Lower train.learning_rate ({self.config.train.learning_rate}) or check the data"
+    )
+
+  def _evaluate(self, state, step: int, *, record_it: bool = True) -> dict:
+    data = self.config.data
+    eval_batches = pipeline.make_eval_iterator(
+      data,
+      global_batch_size=self.config.train.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      split=data.eval_split,
+      source=self.eval_source,
+    )
+    result = evaluate_batches(
+      self.model, self.strategy.full_params(state), eval_batches, self.strategy.batch_sharding
+    )
+    record = {"split": data.eval_split, **result}
+    if record_it:
+      self.writer.write_eval(step, record)
+    logging.info(
+      "step %d %s: top1 %.4f top5 %.4f on %d images",
+      step,
+      data.eval_split,
+      result["top1"],
+      result["top5"],
+      result["count"],
+    )
+    return {"step": step, **record}
+
+  def _save(self, state, step: int, metrics: dict, evaluation: dict | None = None) -> None:
+    # Only a state whose step metrics are finite becomes a checkpoint.
+    self._fail_if_not_finite(step, metrics)
+    self.checkpoints.save(
+      state, self.batches, strategy=self.strategy, config=self.config, metrics=evaluation
+    )
+
+  # --- the loop --------------------------------------------------------------
+  def train(self, state, preemption: _Preemption) -> dict:
+    train_cfg = self.config.train
+    num_steps, batch_size = train_cfg.num_steps, train_cfg.batch_size
+    progress = Progress(num_steps, first_step=self.start)
+    window = _Window()
+    evaluation = None
+    for step in range(self.start + 1, num_steps + 1):
+      state, metrics = self.strategy.train_step(state, *next(self.batches))
+      window.step()
+      is_last = step == num_steps
+      log_now = step % train_cfg.log_every == 0 or is_last
+      eval_now = is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
+      save_now = (
+        is_last
+        or eval_now
+        or preemption.requested
+        or (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0)
+      )
+      host = None
+      if log_now or save_now or step == self.start + 1:
+        host = _host_metrics(metrics)
+      if step == self.start + 1:
+        # Everything before this point was compilation: time from here on.
+        window.restart()
+      if log_now:
+        self._fail_if_not_finite(step, host)
+        speed = window.report(batch_size)
+        if "images_per_sec" in speed:
+          self.window_rates.append(speed["images_per_sec"])
+        record = {**host, "learning_rate": float(self.schedule(step - 1)), **speed}
+        self.writer.write_train(step, record)
+        shown = ("loss", "top1", "learning_rate", "images_per_sec")
+        steps_per_sec = 1.0 / speed["step_time"] if speed else 0.0
+        progress.log(step, steps_per_sec, {k: record[k] for k in shown if k in record})
+        window.restart()
+      if eval_now:
+        evaluation = self._evaluate(state, step)
+      if save_now:
+        self._save(state, step, host, evaluation if eval_now else None)
+      if eval_now or save_now:
+        window.restart()
+      if preemption.requested and not is_last:
+        self.checkpoints.wait()
+        logging.warning("preempted: checkpoint of step %d saved; exiting", step)
+        return {"step": step, "preempted": True}
+    self.checkpoints.wait()
+    if evaluation is None:
+      # Resumed from the final checkpoint (killed before result.json): its evaluation is
+      # in metrics.jsonl already; recompute the numbers (every process) without a record.
+      evaluation = self._evaluate(state, num_steps, record_it=False)
+    result = {
+      **evaluation,
+      "images_per_sec": statistics.median(self.window_rates) if self.window_rates else None,
+    }
+    _write_result(self.workdir, result)
+    return result

@@ -1,0 +1,315 @@
+"""Orbax checkpoints of a training run: save asynchronously, resume exactly, restore anywhere.
+
+One checkpoint is the folder `WORKDIR/checkpoints/<step>/`, written by
+`orbax.checkpoint.CheckpointManager` into a temporary folder and renamed when
+complete (Orbax's atomic finalisation), so a save cut off mid-write (SIGKILL,
+a full disk, a lost node) is never seen as a checkpoint:
+
+=========  ==================================================================
+item       content
+=========  ==================================================================
+state      the `TrainState` (step, params, optimizer state) in the strategy's
+           *stored* layout, every array saved from its own shards (lazy: 1/N
+           flat shards; hybrid: FC1/FC2 split; replicated: one copy)
+input      the training input's position, one JSON file per process
+           (`process_<i>-of-<n>.json`, Grain's checkpoint handler): a Grain
+           iterator's `get_state()` or the device cache's step
+meta       JSON: step, strategy, devices, processes, input kind, the stored
+           shape of every state leaf, and the whole config
+=========  ==================================================================
+
+Which checkpoints stay: the latest `train.keep_checkpoints`, plus the best by
+validation top-1 (checkpoints saved at an evaluation carry {'top1', 'top5'}
+as Orbax metrics).
+
+Restoring (`restore`):
+- same layout (strategy, device count and stored shapes as saved): straight
+  into the strategy's shardings, bit for bit; with the input state this makes
+  a resumed run log exactly the losses of an uninterrupted one;
+- another layout (e.g. `lazy` on 8 devices -> `gspmd` on 4): each leaf is
+  read whole, turned into the model's layout (a lazy leaf is the flattened,
+  zero-padded parameter: its first `size` elements) and laid out for the new
+  strategy, optimizer state included. The input stream restarts its epoch
+  order only when its layout changed too (another process or worker count).
+In both cases the model and optimizer fields of the saved config must equal
+the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
+that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import math
+import os
+from typing import Any
+
+import grain
+import jax
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers
+
+from deep_image.train.state import TrainState
+
+# Fields that fix the shapes and the meaning of the saved state: a checkpoint
+# restores only into a config that agrees on all of them.
+RESUME_FIELDS = (
+  "model.name",
+  "model.num_classes",
+  "model.image_size",
+  "model.in_channels",
+  "train.momentum",
+  "train.weight_decay",
+)
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A checkpoint that cannot restore into the current config (names the field)."""
+
+
+def _field(config_dict: dict, dotted: str) -> Any:
+  value = config_dict
+  for name in dotted.split("."):
+    if not isinstance(value, dict) or name not in value:
+      return None
+    value = value[name]
+  return value
+
+
+def check_compatible(saved_config: dict, config, where: str) -> None:
+  """Raise IncompatibleCheckpoint naming the first RESUME_FIELDS entry that differs."""
+  current = json.loads(config.to_json_best_effort())
+  for dotted in RESUME_FIELDS:
+    was, now = _field(saved_config, dotted), _field(current, dotted)
+    if was != now:
+      raise IncompatibleCheckpoint(
+        f"{where} was written with {dotted}={was!r}, but the config says {dotted}={now!r}; "
+        f"the model and optimizer fields ({', '.join(RESUME_FIELDS)}) must match to restore "
+        "(use another --workdir for a new run)"
+      )
+
+
+class InputState:
+  """Adapter: a training input's state as the bytes Grain's checkpoint handler stores.
+
+  `source` has get_state() -> JSON-able dict and set_state(dict), e.g.
+  `deep_image.train.train_input.TrainInput`.
+  """
+
+  def __init__(self, source):
+    self.source = source
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.source.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.source.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    # Called by Grain's handler after set_state; a Grain iterator starts lazily anyway.
+    pass
+
+
+def _top1(metrics: dict) -> float:
+  return metrics["top1"]
+
+
+class _NoMetricsWarning(std_logging.Filter):
+  """Drops Orbax's warning for every save without metrics: only evaluations have them."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+_NO_METRICS_WARNING = _NoMetricsWarning()
+
+
+def _stored_shapes(state) -> list[list[int]]:
+  return [list(x.shape) for x in jax.tree.leaves(state)]
+
+
+class Checkpointer:
+  """The checkpoints of one workdir (process-wide: every process makes one).
+
+  Args:
+    workdir: the run's folder; checkpoints go to WORKDIR/checkpoints.
+    keep: how many of the latest checkpoints to keep (`train.keep_checkpoints`).
+  """
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    logging.get_absl_logger().addFilter(_NO_METRICS_WARNING)  # a set: added once
+    policy = checkpoint_managers.AnyPreservationPolicy(
+      [
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=_top1, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      # best_fn also makes Orbax write each step's metrics to disk, so the best
+      # checkpoint is still known (and kept) after a restart.
+      best_fn=_top1,
+      enable_async_checkpointing=True,
+      # Leftovers of a save that was killed mid-write are removed, never read.
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "input": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  # --- what is there ---------------------------------------------------------
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest validation top-1 (None: no evaluated checkpoint)."""
+    best = None
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and (best is None or metrics["top1"] > best[1]):
+        best = (step, metrics["top1"])
+    return None if best is None else best[0]
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  # --- save ------------------------------------------------------------------
+  def save(
+    self, state: TrainState, input_source, *, strategy, config, metrics: dict | None = None
+  ) -> None:
+    """Start an asynchronous save of the state after `state.step` steps.
+
+    Returns once the arrays are copied off the devices (the step may then
+    donate `state`); the files are written in the background and committed
+    atomically. `input_source` must be positioned after the same step.
+    """
+    step = int(jax.device_get(state.step))
+    meta = {
+      "step": step,
+      "strategy": strategy.name,
+      "num_devices": strategy.mesh.size,
+      "process_count": jax.process_count(),
+      "input": input_source.kind,
+      "num_workers": int(config.data.num_workers),
+      "stored_shapes": _stored_shapes(state),
+      "config": json.loads(config.to_json_best_effort()),
+    }
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        input=grain.checkpoint.CheckpointSave(InputState(input_source)),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      metrics=None if metrics is None else {k: float(metrics[k]) for k in ("top1", "top5")},
+      force=True,
+    )
+
+  def wait(self) -> None:
+    """Block until every started save is committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  # --- restore ---------------------------------------------------------------
+  def restore(self, step: int, strategy, config, input_source) -> TrainState:
+    """The state saved at `step`, laid out for `strategy`; positions `input_source`.
+
+    Raises IncompatibleCheckpoint when the model / optimizer fields differ.
+    """
+    meta = self.meta(step)
+    where = f"checkpoint {self.step_dir(step)}"
+    check_compatible(meta["config"], config, where)
+    target = strategy.abstract_state()
+    same_layout = (
+      meta["strategy"] == strategy.name
+      and meta["num_devices"] == strategy.mesh.size
+      and meta["stored_shapes"] == _stored_shapes(target)
+    )
+    if same_layout:
+      state = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )["state"]
+    else:
+      logging.info(
+        "%s: restoring the %s layout on %d devices into %s on %d devices",
+        where,
+        meta["strategy"],
+        meta["num_devices"],
+        strategy.name,
+        strategy.mesh.size,
+      )
+      state = self._restore_other_layout(step, meta, strategy)
+    same_input = (
+      meta["input"] == input_source.kind
+      and meta["process_count"] == jax.process_count()
+      and meta["num_workers"] == int(config.data.num_workers)
+    )
+    if same_input:
+      self.manager.restore(
+        step,
+        args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(InputState(input_source))),
+      )
+    else:
+      logging.warning(
+        "%s: the input was %s with %d processes and %d workers, now %s with %d and %d: the "
+        "data order restarts instead of resuming exactly",
+        where,
+        meta["input"],
+        meta["process_count"],
+        meta["num_workers"],
+        input_source.kind,
+        jax.process_count(),
+        int(config.data.num_workers),
+      )
+    return state
+
+  def _restore_other_layout(self, step: int, meta: dict, strategy) -> TrainState:
+    """Read every leaf whole (replicated), convert stored -> model layout -> new stored layout."""
+    current = strategy.abstract_state()
+    leaves, treedef = jax.tree.flatten(current)
+    if len(leaves) != len(meta["stored_shapes"]):
+      raise IncompatibleCheckpoint(
+        f"checkpoint {self.step_dir(step)} holds {len(meta['stored_shapes'])} arrays, the "
+        f"current train state {len(leaves)}: the optimizer differs"
+      )
+    whole = jax.tree.unflatten(
+      treedef,
+      [
+        jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=strategy.replicated)
+        for shape, leaf in zip(meta["stored_shapes"], leaves, strict=True)
+      ],
+    )
+    saved = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(whole))
+    )["state"]
+
+    def to_model_layout(x, full):
+      if x.shape != full.shape and (x.ndim != 1 or x.size < math.prod(full.shape)):
+        raise IncompatibleCheckpoint(
+          f"checkpoint {self.step_dir(step)}: a stored array of shape {x.shape} cannot hold a "
+          f"parameter of shape {full.shape}"
+        )
+      return x.reshape(-1)[: math.prod(full.shape)].reshape(full.shape)
+
+    shapes = strategy.param_shapes
+    full = TrainState(
+      saved.step,
+      jax.tree.map(to_model_layout, saved.params, shapes),
+      optax.tree_map_params(strategy.tx, to_model_layout, saved.opt_state, shapes),
+    )
+    return strategy.state_from_model_layout(full)

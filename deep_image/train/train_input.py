@@ -1,0 +1,72 @@
+"""The training loop's input: global batches from the device cache or the Grain pipeline.
+
+`TrainInput` yields (images, labels, augment | None) as global arrays sharded
+like the strategy's batch, and has the `get_state` / `set_state` a checkpoint
+stores, so a resumed run reads exactly the batches the killed one would have.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from deep_image.data import device_cache, pipeline
+from deep_image.data.global_batch import to_global
+
+
+class TrainInput:
+  """Iterator of global training batches; `kind` says where they come from.
+
+  From the device cache when `data.cache_on_device` and the data fit (paper
+  3.1), else from the Grain pipeline (`data.num_workers` worker processes).
+
+  Yields:
+    images: uint8 [B, c, c, 3] (or [B, S, S, 3] with `data.augment_on='device'`),
+    labels: int32 [B],
+    augment: None, or the sampled parameters {field: [B] / [B, 3]} of
+      `augment_on='device'`;
+    all sharded like `batch_sharding` (split over every device along B).
+  """
+
+  def __init__(self, config, batch_sharding, source):
+    self.batch_sharding = batch_sharding
+    self._cache = None
+    if config.data.cache_on_device:
+      self._cache = device_cache.DeviceCache.build(
+        source,
+        config.data,
+        batch_sharding,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+      )
+    if self._cache is not None:
+      self.kind = "device cache"
+      self._grain = None
+    else:
+      self.kind = f"grain ({config.data.num_workers} workers, augment on {config.data.augment_on})"
+      self._grain = pipeline.make_train_iterator(
+        config.data,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        source=source,
+      )
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._cache is not None:
+      images, labels = next(self._cache)
+      return images, labels, None
+    batch = next(self._grain)
+    put = lambda x: to_global(x, self.batch_sharding)  # noqa: E731
+    augment = jax.tree.map(put, batch["augment"]) if "augment" in batch else None
+    return put(batch["image"]), put(batch["label"]), augment
+
+  def get_state(self) -> dict:
+    """The position after the batches read so far (JSON-able)."""
+    return (self._grain if self._cache is None else self._cache).get_state()
+
+  def set_state(self, state: dict) -> None:
+    (self._grain if self._cache is None else self._cache).set_state(state)
