@@ -1,26 +1,53 @@
-"""What every experiment script shares: flag parsing that reports config mistakes in one line.
+"""What every experiment script shares: the --config flag and one-line config errors.
 
-`run(main)` is `absl.app.run(main)` except that
-
-* an override of a field the config does not have (`--config.train.typo=1`),
-  which ml_collections reports as a bare AttributeError from inside flag
-  parsing, becomes `config error: --config.train.typo=1: no field 'typo' ...`;
-* `ConfigError` (a config that cannot run, found before the first step) and
-  `FloatingPointError` (a diverged run, naming its last good checkpoint) end
-  the process with their one-line message and exit status 1, no traceback.
+* `define_config()` defines `--config=FILE[:variants]` (ml_collections). An
+  override of a field the config does not have (`--config.train.typo=1`),
+  which ml_collections reports as a bare AttributeError / KeyError from inside
+  flag parsing (or, without `--config`, at flag definition), becomes
+  `config error: --config.train.typo=1: the config has no field 'typo' ...`.
+* `run(main)` is `absl.app.run(main)`, except that `ConfigError` (a config
+  that cannot run, found before the first step) and `FloatingPointError` (a
+  diverged run, naming its last good checkpoint) end the process with their
+  one-line message and exit status 1, no traceback.
 
 Anything else still shows its traceback: those are bugs.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from deep_image.config_error import ConfigError
 
 BASE_CONFIG = "experiments/configs/base.py"
+DEFAULT_CONFIG = "experiments/configs/default.py"
+
+
+def unknown_field_message(error: Exception, argv: list[str]) -> str:
+  """The one-line message for ml_collections' error on an override of an unknown field."""
+  # Its text: "'name'", maybe followed by 'Did you mean "other" instead of "name"?'.
+  text = str(error)
+  words = re.findall(r"[A-Za-z0-9_]+", text.split("Did you mean")[0])
+  name = words[0] if words else text
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
+  culprits = [a for a in argv[1:] if a.startswith("--config.") and name in a.split("=", 1)[0]]
+  shown = culprits[0] if culprits else f"--config...{name}"
+  return f"config error: {shown}: the config has no field {name!r} ({hint}fields: {BASE_CONFIG})"
+
+
+def define_config(default: str = DEFAULT_CONFIG):
+  """DEFINE_config_file('config', default), locked: overrides may change fields, not add them."""
+  try:
+    return config_flags.DEFINE_config_file(
+      "config", default, "Config file[:variants], e.g. FILE.py:tiny.", lock_config=True
+    )
+  except (AttributeError, KeyError) as e:  # the default file parsed with an unknown override
+    sys.exit(unknown_field_message(e, sys.argv))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -31,11 +58,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags."
     )
   except (AttributeError, KeyError) as e:
-    # ml_collections' override of an unknown field; its message is just the field name.
-    name = str(e).strip("'\"")
-    culprits = [a for a in argv[1:] if a.startswith("--config.") and name in a.split("=", 1)[0]]
-    shown = culprits[0] if culprits else f"--config...{name}"
-    sys.exit(f"config error: {shown}: the config has no field {name!r} (fields: {BASE_CONFIG})")
+    sys.exit(unknown_field_message(e, argv))
 
 
 def run(main) -> None:

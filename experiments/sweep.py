@@ -43,6 +43,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deep_image.config_error import ConfigError
+from experiments import cli
+
 RESULT_FILE = "result.json"
 RESULT_KEYS = ("step", "split", "top1", "top5", "images_per_sec")
 SWEEP_PREFIX = "sweep_"
@@ -56,7 +59,7 @@ def load_config_module(config_arg: str):
   """The Python module of `--config=FILE[:variants]` (FILE loaded by path, as config_flags)."""
   path = config_arg.split(":", 1)[0]
   if not os.path.isfile(path):
-    raise ValueError(f"--config={config_arg}: no file {path!r}")
+    raise ConfigError(f"--config={config_arg}: no file {path!r}")
   spec = importlib.util.spec_from_file_location("sweep_config_module", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -76,7 +79,7 @@ def get_sweep(module, name: str) -> Callable[[ml_collections.ConfigDict], list[d
   """`module.sweep_<name>`; ValueError naming the sweeps it has when there is none."""
   fn = getattr(module, SWEEP_PREFIX + name, None)
   if not callable(fn):
-    raise ValueError(
+    raise ConfigError(
       f"--sweep={name!r}: {getattr(module, '__file__', module)} defines sweeps "
       f"{sweep_names(module)}"
     )
@@ -120,14 +123,14 @@ def apply_overrides(
     node = out
     for i, part in enumerate(parents):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"{where}unknown config field {key!r} (no {'.'.join(parents[: i + 1])})")
+        raise ConfigError(f"{where}unknown config field {key!r} (no {'.'.join(parents[: i + 1])})")
       node = node[part]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ValueError(f"{where}unknown config field {key!r}")
+      raise ConfigError(f"{where}unknown config field {key!r}")
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ValueError(f"{where}config field {key}={value!r}: {e}") from e
+      raise ConfigError(f"{where}config field {key}={value!r}: {e}") from e
   return out
 
 
@@ -137,15 +140,15 @@ def build_points(
   """[{'name', 'overrides', 'config'}] per point; names unique, fields checked up front."""
   points, seen = [], set()
   if not overrides_list:
-    raise ValueError("the sweep has no points")
+    raise ConfigError("the sweep has no points")
   for overrides in overrides_list:
     name = point_name(overrides)
     if name in seen:
-      raise ValueError(f"two sweep points have the same name {name!r}")
+      raise ConfigError(f"two sweep points have the same name {name!r}")
     seen.add(name)
     fixed = [k for k in overrides if k in PROCESS_FIELDS]
     if fixed:
-      raise ValueError(f"sweep point {name!r} sets {fixed}: one process cannot sweep these")
+      raise ConfigError(f"sweep point {name!r} sets {fixed}: one process cannot sweep these")
     point_config = apply_overrides(config, overrides, name)
     points.append({"name": name, "overrides": dict(overrides), "config": point_config})
   return points
@@ -256,9 +259,7 @@ def run_sweep(
 def _define_flags():
   # Defined only when run as a script, so tests can import this module next to other
   # scripts that define --config and --workdir.
-  config = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Config file[:variants].", lock_config=True
-  )
+  config = cli.define_config()
   sweep = flags.DEFINE_string("sweep", None, "Name of a sweep_<NAME> function of the config.")
   workdir = flags.DEFINE_string("workdir", None, "Sweep root: one subdirectory per point.")
   flags.mark_flags_as_required(["sweep", "workdir"])
@@ -283,4 +284,4 @@ def main(argv, config_flag, sweep_flag, workdir_flag):
 
 if __name__ == "__main__":
   _flags = _define_flags()
-  app.run(lambda argv: main(argv, *_flags))
+  cli.run(lambda argv: main(argv, *_flags))

@@ -15,13 +15,11 @@ exercises the multi-device code paths anywhere.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from deep_image.config_error import ConfigError
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/default.py", "Experiment config file.", lock_config=True
-)
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
 flags.mark_flag_as_required("workdir")
 
@@ -34,7 +32,10 @@ def main(argv):
   from deep_image.parallel.mesh import configure_host_devices
 
   processes = config.parallel.num_processes if config.parallel.distributed == "explicit" else 1
-  configure_host_devices(config.parallel.num_devices, processes)
+  try:
+    configure_host_devices(config.parallel.num_devices, processes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   from deep_image.train import train_and_evaluate
 
   logging.info("config:\n%s", config)
