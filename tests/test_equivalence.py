@@ -1,35 +1,58 @@
-"""The central test: a step on N devices equals the same step on one device.
+"""The central test: N devices train exactly like one device, with dropout.
 
-For every strategy and collective algorithm, a few SGD steps on N simulated
-devices with global batch B give the same losses and the same parameters as
-the plain single-device program with batch B. Tolerance: float32 reductions
-in another order, |diff| <= 1e-5 + 1e-4 |value| (seen: ~2e-7).
+For every strategy and collective algorithm, STEPS steps of SGD with momentum
+on N simulated devices with global batch B give, after EACH step, the same
+metrics (loss, top-1/5, grad/param/update norms) and the same parameters as
+the single-device program with batch B. The learning rate is non-zero from
+the first step (`warmup_steps=0`) and dropout is on, so a pipeline that
+applies gradients a step late, or draws dropout masks per device, fails here
+(the guards below check that the compared quantities do move step to step,
+and that dropout changes them).
+
+Tolerances:
+  float32:  |diff| <= 1e-5 + 1e-4 |value| (reductions in another order; seen ~2e-6).
+  bfloat16: params and losses |diff| <= 3e-2 + 3e-2 |value|, norms the same;
+            top-1/5 are not compared (a bf16 near-tie may flip one example).
+            Reductions of bf16 activation gradients (e.g. conv biases) in
+            another order already differ by ~1e-3 after one step and ~1.5e-2
+            after three on vgg_tiny with lr 0.1, as much as bf16 differs from
+            float32; a one-step shift of the trajectory moves parameters by
+            more than 3e-2 + 3e-2 |value| (checked below).
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
+from deep_image.train import losses
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 
 BATCH = 24  # divides over 1, 2, 3, 4, 6 and 8 devices
-STEPS = 2
+STEPS = 3
+DROPOUT = 0.3
+LEARNING_RATE = 0.1
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 # (strategy, conv mode of hybrid)
 SHARD_MAP = [("data", "data"), ("lazy", "data"), ("hybrid", "data"), ("hybrid", "lazy")]
+METRICS = ("loss", "top1", "top5", "grad_norm", "param_norm", "update_norm")
+# (rtol, atol, metrics compared)
+FLOAT32_TOL = (1e-4, 1e-5, METRICS)
+BFLOAT16_TOL = (3e-2, 3e-2, ("loss", "grad_norm", "param_norm", "update_norm"))
 
 
-def tiny_config(strategy="gspmd", collective="xla", conv="data"):
+def tiny_config(strategy="gspmd", collective="xla", conv="data", dtype="float32", dropout=DROPOUT):
   c = base.get_config()
   c.model.name, c.model.image_size = "vgg_tiny", 8
-  c.train.batch_size, c.train.num_steps, c.train.warmup_steps = BATCH, 10, 1
-  c.train.learning_rate = 0.1
+  c.model.dropout, c.model.dtype = dropout, dtype
+  c.train.batch_size, c.train.num_steps, c.train.warmup_steps = BATCH, 10, 0
+  c.train.learning_rate = LEARNING_RATE
   c.parallel.strategy, c.parallel.collective, c.parallel.conv = strategy, collective, conv
   return c
 
@@ -43,36 +66,59 @@ def _batches():
     )
 
 
-def run_steps(config, n):
-  """(losses per step, final params as numpy) of STEPS steps on the first n devices."""
+def _make(config, n):
   mesh = mesh_lib.make_mesh(config.parallel, jax.devices()[:n])
-  strategy = strategies.make_strategy(
+  return strategies.make_strategy(
     config, make_model(config.model), make_optimizer(config.train), mesh
   )
+
+
+def run_steps(config, n):
+  """STEPS steps on the first n devices.
+
+  Returns (initial params, [(metrics, params after the step) per step]), all
+  numpy, params in the model's own layout.
+  """
+  strategy = _make(config, n)
   state = strategy.init(jax.random.key(0))
-  losses = []
+  initial = jax.tree.map(np.asarray, strategy.full_params(state))
+  trajectory = []
   for images, labels in _batches():
     state, metrics = strategy.train_step(
       state,
       jax.device_put(images, strategy.batch_sharding),
       jax.device_put(labels, strategy.batch_sharding),
     )
-    losses.append(float(metrics["loss"]))
-  return np.asarray(losses), jax.tree.map(np.asarray, strategy.full_params(state))
+    params = jax.tree.map(np.asarray, strategy.full_params(state))
+    trajectory.append(({k: float(v) for k, v in metrics.items()}, params))
+  return initial, trajectory
 
 
 @functools.cache
-def reference():
-  return run_steps(tiny_config(), 1)
+def reference(dtype="float32", dropout=DROPOUT):
+  return run_steps(tiny_config(dtype=dtype, dropout=dropout), 1)
 
 
-def assert_same_as_reference(losses, params):
-  ref_losses, ref_params = reference()
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-5)
-  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
-  for path, got in jax.tree_util.tree_leaves_with_path(params):
-    want = functools.reduce(lambda t, k: t[k.key], path, ref_params)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(path))
+def assert_step_close(got, want, tol, what=""):
+  """One step's (metrics, params) against another's, within tol = (rtol, atol, metrics)."""
+  rtol, atol, names = tol
+  (got_metrics, got_params), (want_metrics, want_params) = got, want
+  for name in names:
+    np.testing.assert_allclose(
+      got_metrics[name], want_metrics[name], rtol=rtol, atol=atol, err_msg=f"{what} {name}"
+    )
+  assert jax.tree.structure(got_params) == jax.tree.structure(want_params)
+  for path, g in jax.tree_util.tree_leaves_with_path(got_params):
+    w = functools.reduce(lambda t, k: t[k.key], path, want_params)
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{what} {path}")
+
+
+def assert_same_trajectory(got, want, tol):
+  (got_init, got_steps), (want_init, want_steps) = got, want
+  jax.tree.map(np.testing.assert_array_equal, got_init, want_init)
+  assert len(got_steps) == len(want_steps) == STEPS
+  for t, (g, w) in enumerate(zip(got_steps, want_steps, strict=True)):
+    assert_step_close(g, w, tol, what=f"after step {t + 1}:")
 
 
 CASES = (
@@ -85,22 +131,89 @@ CASES = (
 
 
 @pytest.mark.parametrize("strategy,collective,conv,n", CASES)
-def test_n_devices_equal_one_device(strategy, collective, conv, n):
-  losses, params = run_steps(tiny_config(strategy, collective, conv), n)
-  assert_same_as_reference(losses, params)
+def test_n_devices_train_like_one_device(strategy, collective, conv, n):
+  got = run_steps(tiny_config(strategy, collective, conv), n)
+  assert_same_trajectory(got, reference(), FLOAT32_TOL)
 
 
-def test_losses_actually_change():
-  """Guards the test above against comparing constants."""
-  losses, _ = reference()
-  assert abs(losses[1] - losses[0]) > 1e-3
+BF16_CASES = [
+  ("gspmd", "xla", "data", 8),
+  ("lazy", "butterfly", "data", 8),
+  ("hybrid", "ring", "lazy", 4),
+]
+
+
+@pytest.mark.parametrize("strategy,collective,conv,n", BF16_CASES)
+def test_bfloat16_n_devices_train_like_one_device(strategy, collective, conv, n):
+  got = run_steps(tiny_config(strategy, collective, conv, dtype="bfloat16"), n)
+  assert_same_trajectory(got, reference("bfloat16"), BFLOAT16_TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", FLOAT32_TOL), ("bfloat16", BFLOAT16_TOL)])
+def test_one_step_late_does_not_pass(dtype, tol):
+  """Guards the tests above: every step changes what they compare beyond the tolerance.
+
+  A program whose trajectory lags by one step (gradients applied late, or the
+  first update lost to a zero learning rate) is compared against a shifted one
+  here, and must fail.
+  """
+  initial, steps = reference(dtype)
+  rtol, atol, _ = tol
+  params = [initial] + [p for _, p in steps]  # params[t]: after t steps
+  for t in range(STEPS):  # step 1 too: the learning rate is not zero at the start
+    with pytest.raises(AssertionError):
+      jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol),
+        params[t],
+        params[t + 1],
+      )
+  for t in range(1, STEPS):
+    with pytest.raises(AssertionError):
+      np.testing.assert_allclose(steps[t][0]["loss"], steps[t - 1][0]["loss"], rtol, atol)
+
+
+def test_dropout_changes_the_training():
+  """Guards the tests above: dropout is on and matters (masks are compared, not skipped)."""
+  _, with_dropout = reference()
+  _, without = reference(dropout=0.0)
+  first_loss = with_dropout[0][0]["loss"], without[0][0]["loss"]
+  assert abs(first_loss[0] - first_loss[1]) > 1e-2, first_loss  # same weights, other masks
+  with pytest.raises(AssertionError):
+    assert_step_close(with_dropout[-1], without[-1], FLOAT32_TOL)
+
+
+def test_step_norms_measure_the_gradient_the_weights_and_the_update():
+  """grad_norm of the mean loss (same dropout masks), param_norm after, update_norm applied."""
+  initial, steps = reference()
+  config = tiny_config()
+  strategy = _make(config, 1)
+  images, labels = next(_batches())
+
+  def mean_loss(params):
+    logits = strategy.model.apply(
+      {"params": params},
+      jnp.asarray(images),
+      train=True,
+      dropout_key=jax.random.fold_in(strategy.dropout_key, 0),
+      example_ids=jnp.arange(BATCH),
+    )
+    return losses.loss_and_counts(logits, jnp.asarray(labels))[0] / BATCH
+
+  grads = jax.jit(jax.grad(mean_loss))(initial)
+  norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))  # noqa: E731
+  np.testing.assert_allclose(steps[0][0]["grad_norm"], norm(grads), rtol=1e-5)
+  np.testing.assert_allclose(steps[0][0]["loss"], float(mean_loss(initial)), rtol=1e-5)
+  previous = initial
+  for metrics, params in steps:
+    np.testing.assert_allclose(metrics["param_norm"], norm(params), rtol=1e-5)
+    update = jax.tree.map(np.subtract, params, previous)
+    np.testing.assert_allclose(metrics["update_norm"], norm(update), rtol=1e-4)
+    previous = params
 
 
 def test_initialisation_does_not_depend_on_layout():
   def initial(strategy, n):
-    c = tiny_config(strategy, "butterfly")
-    mesh = mesh_lib.make_mesh(c.parallel, jax.devices()[:n])
-    s = strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), mesh)
+    s = _make(tiny_config(strategy, "butterfly"), n)
     return jax.tree.map(np.asarray, s.full_params(s.init(jax.random.key(3))))
 
   want = initial("gspmd", 1)
@@ -132,3 +245,12 @@ def test_hybrid_rejects_fc_width_that_does_not_split():
   c.train.batch_size = 40  # divides over 5 devices; FC1's 24 outputs do not
   with pytest.raises(ValueError, match="splits FC1's 24 outputs over 5 devices"):
     strategies.validate_parallel_config(c, 5)
+
+
+def test_device_augmentation_without_preprocess_is_a_clear_error():
+  strategy = _make(tiny_config("data", "xla"), 2)
+  state = strategy.init(jax.random.key(0))
+  images = jax.device_put(np.zeros((BATCH, 8, 8, 3), np.uint8), strategy.batch_sharding)
+  labels = jax.device_put(np.zeros(BATCH, np.int32), strategy.batch_sharding)
+  with pytest.raises(ValueError, match="no preprocess function"):
+    strategy.train_step(state, images, labels, {"shift": labels})

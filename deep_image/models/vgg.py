@@ -73,6 +73,39 @@ class VGGSpec:
     return self.feature_map_size**2 * self.stages[-1][-1]
 
 
+# Dropout layer ids: the layer's part of each mask key (see `dropout_keep_mask`).
+FC1_DROPOUT, FC2_DROPOUT = 0, 1
+
+
+def dropout_keep_mask(
+  key: jax.Array, layer: int, example_ids: jax.Array, shape: tuple[int, ...], rate: float
+) -> jax.Array:
+  """Which units dropout keeps, one example at a time: bool [len(example_ids), *shape].
+
+  Example i's mask is bernoulli(fold_in(fold_in(key, layer), example_ids[i]),
+  1 - rate, shape): a function of the key (config seed and step), the layer and
+  the *global* example index only, never of the device that holds the example.
+  So N devices drop exactly the units one device drops for the same global
+  batch, and a run resumed on another topology draws the same masks. A
+  tensor-parallel layer slices its columns out of the example's full-width mask.
+
+  Args:
+    key: the step's dropout key (fold_in(dropout base key, step)).
+    layer: `FC1_DROPOUT` or `FC2_DROPOUT`.
+    example_ids: int [b], global indices in the batch of the local rows.
+    shape: one example's unit shape, e.g. (H1,).
+  """
+  layer_key = jax.random.fold_in(key, layer)
+  return jax.vmap(
+    lambda i: jax.random.bernoulli(jax.random.fold_in(layer_key, i), 1.0 - rate, shape)
+  )(example_ids)
+
+
+def apply_dropout(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout: kept units scaled by 1 / (1 - rate), the rest 0 (dtype of x)."""
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def normalize_images(x: jax.Array) -> jax.Array:
   """uint8 [..., C] pixels -> float32 (x - 127.5) / 64; float inputs pass through."""
   if jnp.issubdtype(x.dtype, jnp.integer):
@@ -164,7 +197,6 @@ class VGG(nn.Module):
     self.fc1 = FullyConnected(h1, in_ch, k, (None, MODEL_AXIS), self.dtype)
     self.fc2 = FullyConnected(h2, h1, 1, (MODEL_AXIS, None), self.dtype)
     self.fc3 = FullyConnected(self.spec.num_classes, h2, 1, (None, None), self.dtype)
-    self.dropout = nn.Dropout(self.dropout_rate)
 
   def features(self, x: jax.Array) -> jax.Array:
     """Conv stages. [B, H, W, C] -> [B, H / 2^S, W / 2^S, C_last] (compute dtype).
@@ -182,15 +214,27 @@ class VGG(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
 
-  def head(self, feats: jax.Array, *, train: bool = False, dense: bool = False) -> jax.Array:
+  def head(
+    self,
+    feats: jax.Array,
+    *,
+    train: bool = False,
+    dense: bool = False,
+    dropout_key: jax.Array | None = None,
+    example_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """FC1-FC3 on conv features.
 
     Args:
       feats: [B, h, w, C_last] from `features`.
+      train: apply dropout (when `dropout_rate` > 0) after FC1 and FC2.
       dense: False: h = w = k (the training crop's map), FC layers as matrix
         products, returns [B, classes]. True: FC1 as a k x k VALID
         convolution, FC2/FC3 as 1x1, returns a score map
         [B, h - k + 1, w - k + 1, classes] (any h, w >= k).
+      dropout_key: the step's dropout key (None: the 'dropout' rng stream).
+      example_ids: int [B], the global batch index of each row (None:
+        0..B-1). Masks depend on these, not on the device (`dropout_keep_mask`).
     Returns:
       float32 logits.
     """
@@ -202,12 +246,41 @@ class VGG(nn.Module):
           f"{feats.shape[1]}x{feats.shape[2]}; pass dense=True for a class-score map"
         )
       feats = feats.reshape(feats.shape[0], -1)
-    x = self.dropout(nn.relu(self.fc1(feats)), deterministic=not train)
-    x = self.dropout(nn.relu(self.fc2(x)), deterministic=not train)
+    rate = self.dropout_rate
+    if train and rate > 0.0:
+      if dropout_key is None:
+        dropout_key = self.make_rng("dropout")
+      if example_ids is None:
+        example_ids = jnp.arange(feats.shape[0])
+
+    def dropout(x, layer):
+      if not train or rate == 0.0:
+        return x
+      return apply_dropout(
+        x, dropout_keep_mask(dropout_key, layer, example_ids, x.shape[1:], rate), rate
+      )
+
+    x = dropout(nn.relu(self.fc1(feats)), FC1_DROPOUT)
+    x = dropout(nn.relu(self.fc2(x)), FC2_DROPOUT)
     return self.fc3(x).astype(jnp.float32)
 
-  def __call__(self, x: jax.Array, *, train: bool = False, dense: bool = False) -> jax.Array:
-    return self.head(self.features(x), train=train, dense=dense)
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    train: bool = False,
+    dense: bool = False,
+    dropout_key: jax.Array | None = None,
+    example_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """Logits of `head(features(x))`; the keyword arguments are `head`'s."""
+    return self.head(
+      self.features(x),
+      train=train,
+      dense=dense,
+      dropout_key=dropout_key,
+      example_ids=example_ids,
+    )
 
 
 # Named variants. Widths of the CPU variants are small enough that the default

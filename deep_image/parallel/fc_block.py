@@ -18,6 +18,12 @@ The gather and the scatter are `collectives.gather_params` /
 `scatter_partials`: our hand-written collectives, whose VJPs are each other,
 so backward moves activation gradients with the same algorithms. Traffic per
 step is activations (B F + B H2), not the FC weight gradients (F H1 + H1 H2).
+
+Dropout masks are those of `VGG.head` for the same global examples
+(`vgg.dropout_keep_mask`): FC1's [B, H1/N] block on device r is columns
+[r H1/N, (r+1) H1/N) of each example's full-width mask; FC2's [b, H2] rows are
+the global examples r b .. r b + b - 1. So the head computes, with dropout, the
+same function on any device count.
 """
 
 from __future__ import annotations
@@ -26,14 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deep_image.models import vgg
 from deep_image.parallel import collectives
-
-
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  if rate == 0.0 or rng is None:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def tensor_parallel_head(
@@ -44,7 +44,7 @@ def tensor_parallel_head(
   algorithm: str,
   dtype=jnp.float32,
   dropout_rate: float = 0.0,
-  rng: jax.Array | None = None,
+  dropout_key: jax.Array | None = None,
 ) -> jax.Array:
   """FC1-FC3 with FC1/FC2 weights split over `axis`. feats [b, k, k, C] -> logits [b, classes].
 
@@ -53,22 +53,35 @@ def tensor_parallel_head(
       [H1/N, H2], 'bias' [H2]}, 'fc3': {'kernel' [H2, C], 'bias' [C]}}: this
       device's parts.
     feats: this device's conv features (local batch b).
-    rng: dropout key (None: no dropout). Masks differ per device, so with
-      dropout the result depends on the layout.
+    dropout_key: the step's dropout key (None: no dropout); masks as in
+      `VGG.head` for the same global examples.
   Returns:
     float32 logits [b, classes] for the local batch.
   """
   b = feats.shape[0]
+  n, rank = lax.axis_size(axis), lax.axis_index(axis)
   x = feats.reshape(b, -1).astype(dtype)
   x = collectives.gather_params(x, axis, algorithm)  # [B, F]
-  rngs = (
-    (None, None) if rng is None else jax.random.split(jax.random.fold_in(rng, lax.axis_index(axis)))
-  )
+  drop = dropout_rate > 0.0 and dropout_key is not None
   h1 = x @ fc["fc1"]["kernel"].astype(dtype) + fc["fc1"]["bias"].astype(dtype)
-  h1 = _dropout(jax.nn.relu(h1), dropout_rate, rngs[0])  # [B, H1/N]
+  h1 = jax.nn.relu(h1)  # [B, H1/N]
+  if drop:
+    cols = h1.shape[1]
+    # Each example's full [H1] mask, then this device's columns: the mask of
+    # the 1-device program, at the cost of B H1 random bits per device.
+    keep = vgg.dropout_keep_mask(
+      dropout_key, vgg.FC1_DROPOUT, jnp.arange(b * n), (cols * n,), dropout_rate
+    )
+    keep = lax.dynamic_slice_in_dim(keep, rank * cols, cols, axis=1)
+    h1 = vgg.apply_dropout(h1, keep, dropout_rate)
   partial = h1 @ fc["fc2"]["kernel"].astype(dtype)  # [B, H2], summed over devices next
   # The bias is added once, after the sum.
   h2 = collectives.scatter_partials(partial, axis, algorithm) + fc["fc2"]["bias"].astype(dtype)
-  h2 = _dropout(jax.nn.relu(h2), dropout_rate, rngs[1])  # [b, H2]
+  h2 = jax.nn.relu(h2)  # [b, H2]
+  if drop:
+    keep = vgg.dropout_keep_mask(
+      dropout_key, vgg.FC2_DROPOUT, rank * b + jnp.arange(b), h2.shape[1:], dropout_rate
+    )
+    h2 = vgg.apply_dropout(h2, keep, dropout_rate)
   logits = h2 @ fc["fc3"]["kernel"].astype(dtype) + fc["fc3"]["bias"].astype(dtype)
   return logits.astype(jnp.float32)

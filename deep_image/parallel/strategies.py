@@ -23,11 +23,16 @@ gradients of the N device losses add up to the gradient of the global mean.
 The shard_map strategies run over a mesh with one axis; collectives come from
 `deep_image.parallel.collectives` with `config.parallel.collective` as the
 algorithm.
+
+Dropout masks are a function of (config.seed, step, layer, global example
+index) only (`vgg.dropout_keep_mask`), so the equality holds with dropout too,
+and a resumed run draws the same masks on another device count.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from typing import Callable
 
@@ -40,7 +45,6 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deep_image.data import pipeline
 from deep_image.models.vgg import MODELS, VGG
 from deep_image.parallel import collectives, fc_block, layouts
 from deep_image.parallel import mesh as mesh_lib
@@ -104,6 +108,11 @@ def _batch_axis(mesh: Mesh) -> tuple[str, ...]:
   return tuple(mesh.axis_names)
 
 
+# preprocess(images, augment) -> images: runs inside the jitted step on the
+# batch-sharded arrays, e.g. the data pipeline's crop + augmentation on device.
+Preprocess = Callable[[jax.Array, dict], jax.Array]
+
+
 class Strategy(abc.ABC):
   """Common interface.
 
@@ -117,16 +126,28 @@ class Strategy(abc.ABC):
       augment=None) -> (state, metrics): jitted, donates `state`; all batch
       arrays sharded like `batch_sharding`. With `augment` (the sampled
       parameters of `data.augment_on='device'`), images are [B, S, S, C] and
-      are cropped + augmented inside the step. metrics: float32 scalars
-      'loss' (mean over B), 'top1', 'top5' (fractions of B).
+      `preprocess(images, augment)` crops + augments them inside the step.
+      metrics: float32 scalars 'loss' (mean over B), 'top1', 'top5'
+      (fractions of B), and the global L2 norms 'grad_norm' (the synchronized
+      gradient of the mean loss), 'param_norm' (after the update),
+      'update_norm' (the applied update): the same numbers for every strategy
+      and device count.
     full_params(state) -> the parameter tree in the model's own layout
       (global arrays), e.g. for evaluation, checkpoints and tests.
   """
 
   name: str
 
-  def __init__(self, config, model: VGG, tx: optax.GradientTransformation, mesh: Mesh):
+  def __init__(
+    self,
+    config,
+    model: VGG,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    preprocess: Preprocess | None = None,
+  ):
     self.config = config
+    self.preprocess = preprocess
     self.model = model
     self.tx = tx
     self.mesh = mesh
@@ -151,11 +172,8 @@ class Strategy(abc.ABC):
     state. Non-partitionable threefry: its init compiles ~4x faster on CPU,
     and replication makes partitionability moot.
     """
-    sample = jnp.zeros((1,) + self.input_shape)
     with jax.threefry_partitionable(False):
-      full = jax.jit(
-        lambda r: nn.unbox(self.model.init(r, sample)["params"]), out_shardings=self.replicated
-      )(rng)
+      full = _full_params_init(self.model, self.input_shape, self.replicated)(rng)
 
     def initial_state(full_params):
       stored = self._to_stored(full_params)
@@ -191,11 +209,10 @@ class Strategy(abc.ABC):
   ):
     if self._train_step is None:
       self._train_step = self._build_train_step()
-    state, sums = self._train_step(state, images, labels, augment)
-    return state, {k: v / self.global_batch for k, v in sums.items()}
+    return self._train_step(state, images, labels, augment)
 
   def _images_for_step(self, images: jax.Array, augment: dict | None) -> jax.Array:
-    """Inside the jitted step: crop + augment on device when the batch carries parameters.
+    """Inside the jitted step: `preprocess(images, augment)` when the batch carries parameters.
 
     With `data.augment_on='device'` images arrive uncropped ([B, S, S, 3]) with their
     sampled augmentation parameters; the per-example resampling shards over the batch
@@ -203,7 +220,16 @@ class Strategy(abc.ABC):
     """
     if augment is None:
       return images
-    return pipeline.device_augment({"image": images, "augment": augment}, self.input_shape[0])
+    if self.preprocess is None:
+      raise ValueError(
+        "train_step got augmentation parameters (data.augment_on='device') but the "
+        "strategy has no preprocess function: pass make_strategy(..., preprocess=...)"
+      )
+    return self.preprocess(images, augment)
+
+  def _metrics(self, sums: dict, **norms) -> dict:
+    """Step metrics: summed loss / counts as fractions of the global batch; norms as they are."""
+    return {**{k: v / self.global_batch for k, v in sums.items()}, **norms}
 
   def lower_train_step(self, state_abstract, images_abstract, labels_abstract):
     """jax.stages.Lowered of one step (for compile-only memory and cost analysis)."""
@@ -269,7 +295,8 @@ class GSPMDStrategy(Strategy):
           {"params": params},
           images,
           train=True,
-          rngs={"dropout": jax.random.fold_in(dropout_key, state.step)},
+          dropout_key=jax.random.fold_in(dropout_key, state.step),
+          example_ids=jnp.arange(batch),
         )
         loss_sum, sums = losses.loss_and_counts(logits, labels)
         return loss_sum / batch, sums
@@ -277,7 +304,13 @@ class GSPMDStrategy(Strategy):
       grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return TrainState(state.step + 1, params, opt_state), sums
+      metrics = self._metrics(
+        sums,
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(params),
+        update_norm=optax.tree.norm(updates),
+      )
+      return TrainState(state.step + 1, params, opt_state), metrics
 
     shardings = self.state_shardings()
     return jax.jit(
@@ -299,8 +332,8 @@ class ShardMapStrategy(Strategy):
   each device's stored part.
   """
 
-  def __init__(self, config, model, tx, mesh, name: str, layout_of: Callable):
-    super().__init__(config, model, tx, mesh)
+  def __init__(self, config, model, tx, mesh, name: str, layout_of: Callable, preprocess=None):
+    super().__init__(config, model, tx, mesh, preprocess)
     self.name = name
     (self.axis,) = [a for a in mesh.axis_names if mesh.shape[a] > 1] or [mesh.axis_names[0]]
     self.n = mesh.shape[self.axis]
@@ -362,11 +395,16 @@ class ShardMapStrategy(Strategy):
     return self._to_full(state.params)
 
   # --- the step ------------------------------------------------------------
-  def _forward(self, params, images, rng):
-    """Per-device forward on the local batch; returns logits [b, classes]."""
+  def _forward(self, params, images, dropout_key, example_ids):
+    """Per-device forward on the local batch; returns logits [b, classes].
+
+    example_ids [b]: the global batch indices of the local rows (dropout masks).
+    """
     model, rate = self.model, self.model.dropout_rate
     if not self.tensor_parallel_fc:
-      return model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+      return model.apply(
+        {"params": params}, images, train=True, dropout_key=dropout_key, example_ids=example_ids
+      )
     feats = model.apply({"params": params}, images, method=VGG.features)
     return fc_block.tensor_parallel_head(
       {k: params[k] for k in ("fc1", "fc2", "fc3")},
@@ -375,7 +413,7 @@ class ShardMapStrategy(Strategy):
       algorithm=self.algorithm,
       dtype=model.dtype,
       dropout_rate=rate,
-      rng=rng if rate > 0 else None,
+      dropout_key=dropout_key,
     )
 
   def _sync_replicated(self, grads):
@@ -391,12 +429,26 @@ class ShardMapStrategy(Strategy):
       treedef, [next(synced) if r else g for g, r in zip(leaves, is_rep, strict=True)]
     )
 
+  def _global_norm(self, tree) -> jax.Array:
+    """L2 norm of the full (model-layout) tree from this device's stored parts.
+
+    LAZY and split leaves hold disjoint parts (lazy padding is zero): their
+    squares are summed over the axis; replicated leaves are counted once.
+    """
+    kinds = [lo.kind for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)]
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    local = sum((sq for sq, k in zip(squares, kinds, strict=True) if k == "replicated"), 0.0)
+    parts = sum((sq for sq, k in zip(squares, kinds, strict=True) if k != "replicated"), 0.0)
+    return jnp.sqrt(local + lax.psum(parts, self.axis))
+
   def _build_train_step(self):
     tx, batch, axis = self.tx, self.global_batch, self.axis
     dropout_key = self.dropout_key
 
     def local_step(state: TrainState, images, labels):
-      rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index(axis))
+      step_key = jax.random.fold_in(dropout_key, state.step)
+      b = images.shape[0]
+      example_ids = lax.axis_index(axis) * b + jnp.arange(b)
 
       def loss_fn(stored):
         params = jax.tree.map(
@@ -406,7 +458,7 @@ class ShardMapStrategy(Strategy):
           self.param_shapes,
           is_leaf=_is_layout,
         )
-        logits = self._forward(params, images, rng)
+        logits = self._forward(params, images, step_key, example_ids)
         loss_sum, sums = losses.loss_and_counts(logits, labels)
         return loss_sum / batch, sums
 
@@ -415,7 +467,13 @@ class ShardMapStrategy(Strategy):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       # Metrics are a few scalars: the builtin psum is fine here.
-      return TrainState(state.step + 1, params, opt_state), lax.psum(sums, axis)
+      metrics = self._metrics(
+        lax.psum(sums, axis),
+        grad_norm=self._global_norm(grads),
+        param_norm=self._global_norm(params),
+        update_norm=self._global_norm(updates),
+      )
+      return TrainState(state.step + 1, params, opt_state), metrics
 
     shardings = self.state_shardings()
     specs = jax.tree.map(lambda s: s.spec, shardings)
@@ -439,12 +497,30 @@ class ShardMapStrategy(Strategy):
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _full_params_init(model: VGG, input_shape: tuple[int, ...], sharding: NamedSharding):
+  """jitted rng -> the model's parameters (placed by `sharding`).
+
+  One jitted function per (model, input, sharding), so strategies on the same
+  mesh share one compilation (tests build dozens of strategies of one model).
+  """
+
+  def init(rng):
+    return nn.unbox(model.init(rng, jnp.zeros((1,) + input_shape))["params"])
+
+  return jax.jit(init, out_shardings=sharding)
+
+
 def _is_layout(x) -> bool:
   return isinstance(x, layouts.Layout)
 
 
 def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _replicated_layout(names, shape) -> layouts.Layout:
+  return layouts.REPLICATED
 
 
 def _lazy_layout(names, shape) -> layouts.Layout:
@@ -472,15 +548,29 @@ def _hybrid_layout(conv_layout: Callable):
   return layout_of
 
 
-def make_strategy(config, model: VGG, tx: optax.GradientTransformation, mesh: Mesh) -> Strategy:
-  """The strategy named by `config.parallel.strategy` on `mesh` (validated first)."""
+def make_strategy(
+  config,
+  model: VGG,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  preprocess: Preprocess | None = None,
+) -> Strategy:
+  """The strategy named by `config.parallel.strategy` on `mesh` (validated first).
+
+  preprocess(images, augment) -> images runs inside the jitted step when
+  `train_step` is given augmentation parameters (data.augment_on='device'),
+  e.g. `lambda im, aug: pipeline.device_augment({"image": im, "augment": aug}, crop)`.
+  """
   validate_parallel_config(config, mesh.size)
   name = config.parallel.strategy
   if name == "gspmd":
-    return GSPMDStrategy(config, model, tx, mesh)
+    return GSPMDStrategy(config, model, tx, mesh, preprocess)
   if name == "data":
-    return ShardMapStrategy(config, model, tx, mesh, name, lambda *_: layouts.REPLICATED)
-  if name == "lazy":
-    return ShardMapStrategy(config, model, tx, mesh, name, _lazy_layout)
-  conv = _lazy_layout if config.parallel.conv == "lazy" else (lambda *_: layouts.REPLICATED)
-  return ShardMapStrategy(config, model, tx, mesh, name, _hybrid_layout(conv))
+    layout_of = _replicated_layout
+  elif name == "lazy":
+    layout_of = _lazy_layout
+  else:
+    layout_of = _hybrid_layout(
+      _lazy_layout if config.parallel.conv == "lazy" else _replicated_layout
+    )
+  return ShardMapStrategy(config, model, tx, mesh, name, layout_of, preprocess)
