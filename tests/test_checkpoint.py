@@ -74,9 +74,7 @@ def run(strategy, state, data):
 
 def momentum(strategy, state):
   """The momentum trace in the model's layout, as numpy."""
-  (trace,) = [
-    s.trace for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "trace"))
-  ]
+  trace = optax.tree_utils.tree_get(state.opt_state, "trace")
   full = jax.tree.map(
     lambda t, shape: np.asarray(t).reshape(-1)[: np.prod(shape.shape)].reshape(shape.shape),
     trace,

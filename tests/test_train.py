@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deep_image.train import train_and_evaluate
 from deep_image.train.metrics import read_metrics
@@ -40,6 +41,18 @@ def test_metrics_file_and_determinism(tmp_path):
   assert final["images_per_sec"] > 0
   # Checkpoints every 4 steps, the latest 3 kept.
   assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["12", "4", "8"]
+  # TensorBoard, read back by TensorBoard's own reader: the same numbers.
+  events = EventAccumulator(str(tmp_path / "a" / "tensorboard"))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  for key in ("loss", "top1", "learning_rate", "images_per_sec", "step_time", "grad_norm"):
+    assert f"train/{key}" in tags
+  assert [(e.step, e.value) for e in events.Scalars("validation/top1")] == [
+    (r["step"], pytest.approx(r["top1"])) for r in evals
+  ]
+  assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+    [r["loss"] for r in steps]
+  )
 
   train_and_evaluate(short_config(), str(tmp_path / "b"))
   again, _ = read_metrics(str(tmp_path / "b"))

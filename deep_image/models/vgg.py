@@ -336,7 +336,7 @@ def make_model(model_cfg) -> VGG:
     model_cfg.name,
     num_classes=model_cfg.num_classes,
     image_size=model_cfg.image_size,
-    in_channels=model_cfg.get("in_channels", 3),
+    in_channels=model_cfg.in_channels,
   )
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if model_cfg.dtype not in dtypes:

@@ -97,9 +97,9 @@ def _fc_split_devices(par, axis_sizes: dict[str, int]) -> int:
   """Over how many devices the FC1/FC2 weights are split (1: not split)."""
   if par.strategy == "hybrid":
     return math.prod(axis_sizes.values())
-  if par.strategy != "gspmd" or not par.get("shard_fc", True):
+  if par.strategy != "gspmd" or not par.shard_fc:
     return 1
-  model_axes = par.get("model_axes") or tuple(axis_sizes)
+  model_axes = par.model_axes or tuple(axis_sizes)
   model_axes = (model_axes,) if isinstance(model_axes, str) else model_axes
   return math.prod(axis_sizes[a] for a in model_axes)
 
@@ -257,6 +257,30 @@ class Strategy(abc.ABC):
   def _build_train_step(self):
     """The jitted step (state, images, labels) -> (state, metric sums)."""
 
+  @abc.abstractmethod
+  def _param_layouts(self):
+    """A `layouts.Layout` per parameter (the params tree with Layout leaves)."""
+
+  def state_from_model_layout(self, state: TrainState) -> TrainState:
+    """A state whose params and optimizer state are in the model's layout -> this strategy's.
+
+    What restoring a checkpoint written by another strategy or device count
+    needs (`deep_image.train.checkpoint`): every parameter, and every
+    optimizer leaf shaped like one (momentum), is laid out as `init` would lay
+    it out, by one jitted program with this strategy's state shardings.
+    """
+    param_layouts, n = self._param_layouts(), self.mesh.size
+
+    def lay_out(full: TrainState) -> TrainState:
+      def stored(x, layout):
+        return layouts.to_stored(x, layout, n)
+
+      params = jax.tree.map(stored, full.params, param_layouts)
+      opt_state = optax.tree_map_params(self.tx, stored, full.opt_state, param_layouts)
+      return TrainState(full.step, params, opt_state)
+
+    return jax.jit(lay_out, out_shardings=self.state_shardings())(state)
+
   def abstract_state(self):
     """ShapeDtypeStructs (with shardings) of the state, without allocating it."""
     return jax.tree.map(
@@ -276,6 +300,10 @@ class GSPMDStrategy(Strategy):
 
   def _stored_param_shapes(self):
     return self.param_shapes
+
+  def _param_layouts(self):
+    # Full arrays; the out_shardings of a jit put FC1/FC2's parts on their devices.
+    return jax.tree.map(lambda _: layouts.REPLICATED, self.param_shapes)
 
   def _stored_param_shardings(self):
     return self.logical_shardings
@@ -379,6 +407,9 @@ class ShardMapStrategy(Strategy):
     return jax.tree.map(
       lambda lo, x: layouts.to_stored(x, lo, self.n), self.layouts, full_params, is_leaf=_is_layout
     )
+
+  def _param_layouts(self):
+    return self.layouts
 
   def full_params(self, state: TrainState):
     if self._to_full is None:  # built once: a fresh lambda per call would recompile
