@@ -21,10 +21,14 @@ from absl import app, flags  # noqa: E402
 
 from deep_image.train.metrics import read_metrics  # noqa: E402
 
-_WORKDIR = flags.DEFINE_multi_string(
-  "workdir", None, "Run directories holding metrics.jsonl (repeat the flag or comma-separate)."
-)
-_OUT = flags.DEFINE_string("out", None, "Output image path, e.g. curves.png.")
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module next to other scripts
+  # that define --workdir and --out.
+  flags.DEFINE_multi_string(
+    "workdir", None, "Run directories holding metrics.jsonl (repeat the flag or comma-separate)."
+  )
+  flags.DEFINE_string("out", None, "Output image path, e.g. curves.png.")
 
 
 def run_labels(workdirs: list[str]) -> list[str]:
@@ -84,13 +88,15 @@ def plot_runs(workdirs: list[str], out_path: str, labels: list[str] | None = Non
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdirs = [w for value in _WORKDIR.value or [] for w in value.split(",") if w]
-  if not workdirs or not _OUT.value:
+  out = flags.FLAGS.out
+  workdirs = [w for value in flags.FLAGS.workdir or [] for w in value.split(",") if w]
+  if not workdirs or not out:
     raise app.UsageError("need --workdir=DIR [--workdir=DIR ...] and --out=FILE.png")
   labels = run_labels(workdirs)
-  plot_runs(workdirs, _OUT.value, labels)
-  print(f"wrote {_OUT.value}: {', '.join(labels)}")
+  plot_runs(workdirs, out, labels)
+  print(f"wrote {out}: {', '.join(labels)}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
