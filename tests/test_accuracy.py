@@ -1,4 +1,4 @@
-"""Top-k counting (deep_image/train/losses.py) and evaluation (deep_image/evaluate/accuracy.py).
+"""Top-k counting (deep_image/models/losses.py) and evaluation (deep_image/evaluate/accuracy.py).
 
 A fake model reads its logits off the image pixels, so each test chooses every score exactly,
 ties included, and runs the real eval pipeline (padding, masks, 8-device sharding).
@@ -13,8 +13,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deep_image.data import pipeline
 from deep_image.evaluate.accuracy import evaluate_batches
+from deep_image.models import losses
 from deep_image.models.vgg import make_model
-from deep_image.train import losses
 from experiments.configs import base
 
 CLASSES = 8

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deep_image.models import losses
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
-from deep_image.train import losses
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 

@@ -8,7 +8,7 @@ import jax
 from jax.sharding import NamedSharding
 
 from deep_image.data.global_batch import to_global
-from deep_image.train import losses
+from deep_image.models import losses
 
 
 def evaluate_batches(model, params, batches: Iterable[dict], sharding: NamedSharding) -> dict:

@@ -45,11 +45,11 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deep_image.models import losses
 from deep_image.models.vgg import MODELS, VGG
 from deep_image.parallel import collectives, fc_block, layouts
 from deep_image.parallel import mesh as mesh_lib
-from deep_image.train import losses
-from deep_image.train.state import TrainState
+from deep_image.parallel.train_state import TrainState
 
 STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
 CONV_MODES = ("data", "lazy")

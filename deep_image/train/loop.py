@@ -301,4 +301,12 @@ class _Run:
       "images_per_sec": statistics.median(self.window_rates) if self.window_rates else None,
     }
     _write_result(self.workdir, result)
+    logging.info(
+      "finished %d steps: %s top1 %.4f top5 %.4f; %s",
+      num_steps,
+      result["split"],
+      result["top1"],
+      result["top5"],
+      os.path.join(self.workdir, RESULT_NAME),
+    )
     return result
