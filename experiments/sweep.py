@@ -226,9 +226,16 @@ def run_sweep(
     from deep_image.train import train_and_evaluate as train_fn
   os.makedirs(root, exist_ok=True)
   workdirs = [os.path.join(root, p["name"]) for p in points]
-  results = [read_result(w) for w in workdirs]
+  # A result counts when the run finished at the point's train.num_steps: with more steps
+  # asked for, the point trains on from its last checkpoint.
+  results = [
+    r if r is not None and r["step"] == p["config"].train.num_steps else None
+    for p, r in ((p, read_result(w)) for p, w in zip(points, workdirs, strict=True))
+  ]
   # Only process 0 writes the summary (every process of a multi-process run trains).
-  writer = points[0]["config"].parallel.process_id == 0
+  import jax
+
+  writer = jax.process_index() == 0
 
   def summarize():
     if writer:

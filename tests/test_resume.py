@@ -191,3 +191,30 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert (tmp_path / "checkpoints" / str(good)).is_dir()
   losses = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path))[0]}
   assert all(abs(losses[s]) < float("inf") for s in range(1, good + 1))
+
+
+def test_a_run_continues_under_another_strategy_and_device_count(tmp_path, caplog):
+  # lazy on 8 devices for 4 steps, then 4 more steps as gspmd on 4 devices, same workdir.
+  train_and_evaluate(
+    tiny(**{"train.num_steps": 4, "parallel.strategy": "lazy", "train.log_every": 1}),
+    str(tmp_path),
+  )
+  caplog.set_level("INFO")
+  result = train_and_evaluate(
+    tiny(
+      **{
+        "train.num_steps": 8,
+        "parallel.strategy": "gspmd",
+        "parallel.mesh": (("data", 4),),
+        "train.log_every": 1,
+      }
+    ),
+    str(tmp_path),
+  )
+  assert "resumed from step 4" in caplog.text
+  assert "restoring the lazy layout on 8 devices into gspmd on 4 devices" in caplog.text
+  train, evals = read_metrics(str(tmp_path))
+  assert [r["step"] for r in train] == list(range(1, 9))
+  assert [r["step"] for r in evals] == [4, 8] and result["step"] == 8
+  # The restored weights are the trained ones: the loss goes on from where it was.
+  assert abs(train[4]["loss"] - train[3]["loss"]) < 0.5

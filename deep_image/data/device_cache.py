@@ -74,7 +74,7 @@ def _free_bytes_per_device(data_cfg: Any, sharding: NamedSharding) -> tuple[int,
       break
     free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
   if free is None:
-    value, where = int(pipeline._get(data_cfg, "cache_budget_bytes")), "data.cache_budget_bytes"
+    value, where = int(data_cfg.cache_budget_bytes), "data.cache_budget_bytes"
   else:
     value, where = min(free), "device.memory_stats()"
   if jax.process_count() > 1:
@@ -100,13 +100,13 @@ def plan_cache(num_examples: int, data_cfg: Any, sharding: NamedSharding) -> dic
     the batch shards), 'dropped', 'shards', 'scale', 'bytes_total', 'bytes_per_device',
     'free_bytes_per_device', 'allowed_bytes_per_device', 'memory_source'}.
   """
-  scale = int(pipeline._get(data_cfg, "train_scale"))
+  scale = int(data_cfg.train_scale)
   shards = _num_shards(sharding)
   rows = num_examples - num_examples % shards
   # Devices of other mesh axes (e.g. 'model') hold a replica of their batch shard's rows.
   per_device = rows // shards * (scale * scale * 3 + 4)
   free, source = _free_bytes_per_device(data_cfg, sharding)
-  allowed = int(free * float(pipeline._get(data_cfg, "cache_memory_fraction")))
+  allowed = int(free * float(data_cfg.cache_memory_fraction))
   fits = rows > 0 and per_device <= allowed
   mib = lambda x: f"{x / 2**20:.1f} MiB"
   reason = (
@@ -275,7 +275,7 @@ class DeviceCache:
       a DeviceCache, or None when `data.cache_on_device` is off or the data does not fit
       (then use `pipeline.make_train_iterator`).
     """
-    if not pipeline._get(data_cfg, "cache_on_device"):
+    if not data_cfg.cache_on_device:
       logging.info("device cache: off (data.cache_on_device=False)")
       return None
     info = plan_cache(len(source), data_cfg, sharding)
@@ -321,7 +321,7 @@ class DeviceCache:
       info["bytes_used_per_device"] / 2**20,
       info["reason"],
     )
-    space = augment.SamplingSpace.from_config(pipeline._get(data_cfg, "augment"))
+    space = augment.SamplingSpace.from_config(data_cfg.augment)
     steps_per_epoch = local_rows // local_batch
     batch_fn = _make_batch_fn(sharding, space, scale, local_batch, steps_per_epoch)
     return cls(images, labels, info, global_batch_size, steps_per_epoch, int(seed), batch_fn)

@@ -89,12 +89,6 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _get(data_cfg: ml_collections.ConfigDict, name: str) -> Any:
-  # Field `name` read directly (a missing one raises): no second set of defaults. Only
-  # `device_cache` still calls this; new code writes `data_cfg.name`.
-  return data_cfg[name]
-
-
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   """Resizes so the shorter side is exactly `size`, keeping the aspect ratio.
 

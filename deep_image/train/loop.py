@@ -15,7 +15,9 @@ result.json          the final evaluation, written last: a finished run
 
 Calling it again with the same workdir resumes from the latest complete
 checkpoint (logging `resumed from step N`) and continues exactly as the
-uninterrupted run would have; on a finished workdir it returns result.json.
+uninterrupted run would have; on a workdir finished at `train.num_steps` it
+returns result.json, and with a larger `train.num_steps` it trains on from
+the last checkpoint (result.json is rewritten at the new end).
 """
 
 from __future__ import annotations
@@ -141,9 +143,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   mesh_lib.maybe_initialize_distributed(config.parallel)
   finished = _read_result(workdir)
-  if finished is not None:
+  if finished is not None and finished["step"] == config.train.num_steps:
     logging.info("%s is a finished run (%s): nothing to do", workdir, RESULT_NAME)
     return finished
+  if finished is not None:
+    logging.info(
+      "%s finished at step %d; continuing to train.num_steps=%d",
+      workdir,
+      finished["step"],
+      config.train.num_steps,
+    )
   train_source, eval_source = preflight(config, workdir, jax.device_count())
   mesh = mesh_lib.make_mesh(config.parallel)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
