@@ -27,9 +27,10 @@ Restoring (`restore`):
   into the strategy's shardings, bit for bit; with the input state this makes
   a resumed run log exactly the losses of an uninterrupted one;
 - another layout (e.g. `lazy` on 8 devices -> `gspmd` on 4): each leaf is
-  read whole, turned into the model's layout (a lazy leaf is the flattened,
-  zero-padded parameter: its first `size` elements) and laid out for the new
-  strategy, optimizer state included. The input stream restarts its epoch
+  read (split over the new devices where its leading dimension divides),
+  turned into the model's layout (a lazy leaf is the flattened, zero-padded
+  parameter: its first `size` elements) and laid out for the new strategy,
+  optimizer state included. The input stream restarts its epoch
   order only when its layout changed too (another process or worker count).
 In both cases the model and optimizer fields of the saved config must equal
 the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
@@ -49,6 +50,8 @@ import jax
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
 from deep_image.parallel.train_state import TrainState
@@ -287,7 +290,7 @@ class Checkpointer:
     return state
 
   def _restore_other_layout(self, step: int, meta: dict, strategy) -> TrainState:
-    """Read every leaf whole (replicated), convert stored -> model layout -> new stored layout."""
+    """Read every leaf, convert stored -> model layout -> the new strategy's stored layout."""
     current = strategy.abstract_state()
     leaves, treedef = jax.tree.flatten(current)
     if len(leaves) != len(meta["stored_shapes"]):
@@ -295,15 +298,24 @@ class Checkpointer:
         f"checkpoint {self.step_dir(step)} holds {len(meta['stored_shapes'])} arrays, the "
         f"current train state {len(leaves)}: the optimizer differs"
       )
-    whole = jax.tree.unflatten(
+    mesh, n = strategy.mesh, strategy.mesh.size
+
+    def read_sharding(shape):
+      # Split on the leading dimension where it divides over the devices, so no device
+      # holds a whole copy of the state while it is converted; small or odd leaves whole.
+      if shape and shape[0] % n == 0 and math.prod(shape) >= 1024:
+        return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+      return strategy.replicated
+
+    saved_abstract = jax.tree.unflatten(
       treedef,
       [
-        jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=strategy.replicated)
+        jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=read_sharding(shape))
         for shape, leaf in zip(meta["stored_shapes"], leaves, strict=True)
       ],
     )
     saved = self.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(whole))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_abstract))
     )["state"]
 
     def to_model_layout(x, full):
