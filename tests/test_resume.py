@@ -17,6 +17,7 @@ import time
 import pytest
 from conftest import PATIENT_COLLECTIVES
 
+from deep_image.config_error import ConfigError
 from deep_image.train import train_and_evaluate
 from deep_image.train.checkpoint import Checkpointer
 from deep_image.train.metrics import read_metrics
@@ -168,6 +169,8 @@ def test_a_finished_workdir_is_not_trained_again(tmp_path, caplog):
   again = train_and_evaluate(config, str(tmp_path))
   assert again == first
   assert "finished run" in caplog.text
+  with pytest.raises(ConfigError, match=r"train.num_steps=2 is below step 4 of the latest"):
+    train_and_evaluate(tiny(**{"train.num_steps": 2}), str(tmp_path))
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -175,6 +175,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start is None:
     start, state = 0, strategy.init(jax.random.key(config.seed))
   else:
+    if start > config.train.num_steps:
+      checkpoints.close()
+      raise ConfigError(
+        f"train.num_steps={config.train.num_steps} is below step {start} of the latest "
+        f"checkpoint in {checkpoints.directory}; use another --workdir for a shorter run"
+      )
     try:
       state = checkpoints.restore(start, strategy, config, batches)
     except IncompatibleCheckpoint as e:
