@@ -44,9 +44,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deep_image.config_error import ConfigError
+from deep_image.train.result import RESULT_NAME, read_result
 from experiments import cli
 
-RESULT_FILE = "result.json"
 RESULT_KEYS = ("step", "split", "top1", "top5", "images_per_sec")
 SWEEP_PREFIX = "sweep_"
 # Fixed when the first run starts its backend: one process cannot sweep them.
@@ -154,15 +154,6 @@ def build_points(
   return points
 
 
-def read_result(workdir: str) -> dict | None:
-  """`workdir/result.json` of a finished run, or None."""
-  path = os.path.join(workdir, RESULT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def _entry(point: dict, workdir: str, result: dict | None) -> dict[str, Any]:
   entry = {
     "name": point["name"],
@@ -257,7 +248,7 @@ def run_sweep(
       if results[k] is None:
         raise RuntimeError(
           f"sweep point {point['name']!r}: training returned without writing "
-          f"{os.path.join(workdir, RESULT_FILE)}"
+          f"{os.path.join(workdir, RESULT_NAME)}"
         )
     summarize()
   return [_entry(p, w, r) for p, w, r in zip(points, workdirs, results, strict=True)]

@@ -24,3 +24,20 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 # (vgg_tiny on 16 px digit crops; experiments/configs/base.py); CLI tests add their own
 # steps and devices.
 TINY_JOB_FLAGS = ("--config=experiments/configs/default.py:tiny",)
+
+
+def tiny_config(**overrides):
+  """`experiments/configs/default.py:tiny` with dotted-field overrides.
+
+  E.g. `tiny_config(**{"train.num_steps": 4, "data.augment.crop_size": 12})`.
+  """
+  from experiments.configs import default
+
+  c = default.get_config("tiny")
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    target = c
+    for name in sections:
+      target = target[name]
+    target[field] = value
+  return c

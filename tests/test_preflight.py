@@ -7,24 +7,13 @@ import sys
 import numpy as np
 import pytest
 from conftest import PATIENT_COLLECTIVES
+from conftest import tiny_config as tiny
 from PIL import Image
 
 from deep_image.config_error import ConfigError
 from deep_image.data import prepare
 from deep_image.train import train_and_evaluate
 from deep_image.train.preflight import preflight
-from experiments.configs import default
-
-
-def tiny(**overrides):
-  c = default.get_config("tiny")
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    target = c
-    for name in sections:
-      target = target[name]
-    target[field] = value
-  return c
 
 
 def _prepared(root, split, classes=("a", "b")):

@@ -16,12 +16,12 @@ import time
 
 import pytest
 from conftest import PATIENT_COLLECTIVES
+from conftest import tiny_config as tiny
 
 from deep_image.config_error import ConfigError
 from deep_image.train import train_and_evaluate
 from deep_image.train.checkpoint import Checkpointer
 from deep_image.train.metrics import read_metrics
-from experiments.configs import default
 
 NUM_STEPS = 24
 JOB = (
@@ -129,14 +129,6 @@ def test_interrupted_runs_resume_exactly(tmp_path):
   for key in ("top1", "top5", "count", "step"):
     assert got_result[key] == want_result[key]
   assert not any("tmp" in n for n in os.listdir(work / "checkpoints"))
-
-
-def tiny(**overrides):
-  c = default.get_config("tiny")
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
-  return c
 
 
 def test_a_save_cut_off_mid_write_is_never_restored(tmp_path, caplog):

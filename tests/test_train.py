@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS
+from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deep_image.train import train_and_evaluate
@@ -14,16 +14,16 @@ from experiments.configs import default
 
 
 def short_config(**overrides):
-  c = default.get_config("tiny")
-  c.train.num_steps, c.train.log_every, c.train.batch_size = 12, 4, 32
-  c.train.eval_every, c.train.checkpoint_every = 8, 4
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    target = c
-    for name in sections:
-      target = target[name]
-    target[field] = value
-  return c
+  return tiny_config(
+    **{
+      "train.num_steps": 12,
+      "train.log_every": 4,
+      "train.batch_size": 32,
+      "train.eval_every": 8,
+      "train.checkpoint_every": 4,
+      **overrides,
+    }
+  )
 
 
 def test_metrics_file_and_determinism(tmp_path):

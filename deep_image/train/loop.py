@@ -22,7 +22,6 @@ the last checkpoint (result.json is rewritten at the new end).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -44,9 +43,8 @@ from deep_image.train.checkpoint import Checkpointer, IncompatibleCheckpoint
 from deep_image.train.metrics import MetricsWriter, Progress
 from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
 from deep_image.train.preflight import preflight
+from deep_image.train.result import RESULT_NAME, read_result, write_result
 from deep_image.train.train_input import TrainInput
-
-RESULT_NAME = "result.json"
 
 
 def _preprocess_for(config):
@@ -108,23 +106,6 @@ def _host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _read_result(workdir: str) -> dict | None:
-  path = os.path.join(workdir, RESULT_NAME)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_result(workdir: str, result: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, RESULT_NAME)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train `train.num_steps` steps (resuming if WORKDIR holds a checkpoint), evaluate.
 
@@ -142,7 +123,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last good checkpoint (which is kept).
   """
   mesh_lib.maybe_initialize_distributed(config.parallel)
-  finished = _read_result(workdir)
+  finished = read_result(workdir)
   if finished is not None and finished["step"] == config.train.num_steps:
     logging.info("%s is a finished run (%s): nothing to do", workdir, RESULT_NAME)
     return finished
@@ -315,7 +296,8 @@ class _Run:
       **evaluation,
       "images_per_sec": statistics.median(self.window_rates) if self.window_rates else None,
     }
-    _write_result(self.workdir, result)
+    if jax.process_index() == 0:
+      write_result(self.workdir, result)
     logging.info(
       "finished %d steps: %s top1 %.4f top5 %.4f; %s",
       num_steps,
