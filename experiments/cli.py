@@ -50,6 +50,21 @@ def define_config(default: str = DEFAULT_CONFIG):
     sys.exit(unknown_field_message(e, sys.argv))
 
 
+def configure_devices(config) -> None:
+  """Simulate `parallel.num_devices` CPU devices over this job's processes (before JAX starts).
+
+  A device count that does not divide over `parallel.num_processes` is a ConfigError.
+  """
+  from deep_image.parallel.mesh import configure_host_devices
+
+  par = config.parallel
+  processes = par.num_processes if par.distributed == "explicit" else 1
+  try:
+    configure_host_devices(par.num_devices, processes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)

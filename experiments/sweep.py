@@ -271,11 +271,7 @@ def main(argv, config_flag, sweep_flag, workdir_flag):
   config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
   name = sweep_flag.value
   points = build_points(config, get_sweep(load_config_module(config_arg), name)(config))
-  # Must run before anything asks JAX for its devices.
-  from deep_image.parallel.mesh import configure_host_devices
-
-  processes = config.parallel.num_processes if config.parallel.distributed == "explicit" else 1
-  configure_host_devices(config.parallel.num_devices, processes)
+  cli.configure_devices(config)  # before anything asks JAX for its devices
   logging.info("sweep %s of %s: %d points", name, config_arg, len(points))
   run_sweep(points, workdir_flag.value, title=f"Sweep `{name}` of `{config_arg}`")
 

@@ -16,7 +16,6 @@ exercises the multi-device code paths anywhere.
 
 from absl import app, flags, logging
 
-from deep_image.config_error import ConfigError
 from experiments import cli
 
 _CONFIG = cli.define_config()
@@ -28,14 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  # Must run before anything asks JAX for its devices.
-  from deep_image.parallel.mesh import configure_host_devices
-
-  processes = config.parallel.num_processes if config.parallel.distributed == "explicit" else 1
-  try:
-    configure_host_devices(config.parallel.num_devices, processes)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  cli.configure_devices(config)  # before anything asks JAX for its devices
   from deep_image.train import train_and_evaluate
 
   logging.info("config:\n%s", config)

@@ -29,15 +29,28 @@ TINY_JOB_FLAGS = ("--config=experiments/configs/default.py:tiny",)
 def tiny_config(**overrides):
   """`experiments/configs/default.py:tiny` with dotted-field overrides.
 
-  E.g. `tiny_config(**{"train.num_steps": 4, "data.augment.crop_size": 12})`.
+  E.g. `tiny_config(**{"train.num_steps": 4, "data.augment.crop_size": 12})`; an unknown
+  field is an error (`experiments.sweep.apply_overrides`, what sweep points use).
   """
   from experiments.configs import default
+  from experiments.sweep import apply_overrides
 
-  c = default.get_config("tiny")
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    target = c
-    for name in sections:
-      target = target[name]
-    target[field] = value
-  return c
+  return apply_overrides(default.get_config("tiny"), overrides)
+
+
+def train_cli(workdir, *args, xla_flags=""):
+  """`python -m experiments.train --workdir=WORKDIR` on the tiny job + `args`, completed.
+
+  Runs with patient collectives and `xla_flags` appended to XLA_FLAGS (e.g. a device
+  count; without one the script simulates `parallel.num_devices`).
+  """
+  import subprocess
+  import sys
+
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY_JOB_FLAGS, *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}".strip()),
+    timeout=300,
+  )

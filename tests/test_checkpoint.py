@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
 from deep_image.train.checkpoint import Checkpointer, IncompatibleCheckpoint
 from deep_image.train.optimizer import make_optimizer
-from experiments.configs import default
 
 BATCH = 16
 
@@ -31,15 +31,19 @@ class CountingInput:
 
 
 def config_for(strategy, **overrides):
-  c = default.get_config("tiny")
-  c.model.image_size = c.data.augment.crop_size = 8
-  c.train.batch_size, c.train.warmup_steps, c.train.learning_rate = BATCH, 0, 0.05
-  c.model.dropout = 0.0
-  c.parallel.strategy, c.parallel.collective = strategy, "butterfly"
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
-  return c
+  return tiny_config(
+    **{
+      "model.image_size": 8,
+      "data.augment.crop_size": 8,
+      "train.batch_size": BATCH,
+      "train.warmup_steps": 0,
+      "train.learning_rate": 0.05,
+      "model.dropout": 0.0,
+      "parallel.strategy": strategy,
+      "parallel.collective": "butterfly",
+      **overrides,
+    }
+  )
 
 
 def make(config, n):

@@ -1,13 +1,9 @@
 """Fail fast: what would stop a run later stops it before the first step, naming the field."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import PATIENT_COLLECTIVES
 from conftest import tiny_config as tiny
+from conftest import train_cli
 from PIL import Image
 
 from deep_image.config_error import ConfigError
@@ -86,23 +82,6 @@ def test_train_and_evaluate_checks_before_the_first_step(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
-def _cli(tmp_path, *args):
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.train",
-      f"--workdir={tmp_path}",
-      "--config=experiments/configs/default.py:tiny",
-      *args,
-    ],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES),
-    timeout=300,
-  )
-
-
 @pytest.mark.parametrize(
   "flag,message",
   [
@@ -118,7 +97,7 @@ def _cli(tmp_path, *args):
   ids=["unknown-field", "eval-batch"],
 )
 def test_cli_config_errors_are_one_line_without_traceback(tmp_path, flag, message):
-  run = _cli(tmp_path, flag)
+  run = train_cli(tmp_path, flag)
   assert run.returncode == 1
   assert message in run.stderr
   assert "Traceback" not in run.stderr

@@ -1,11 +1,9 @@
 """The train loop and CLI: metrics, determinism, device counts, errors, the default job."""
 
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS, tiny_config
+from conftest import tiny_config, train_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deep_image.train import train_and_evaluate
@@ -87,22 +85,12 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
 
 
 def _cli(tmp_path, *args, xla_flags=""):
-  env = dict(os.environ, XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}")
-  return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.train",
-      f"--workdir={tmp_path}",
-      *TINY_JOB_FLAGS,
-      "--config.train.num_steps=2",
-      "--config.train.log_every=1",
-      *args,
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
+  return train_cli(
+    tmp_path,
+    "--config.train.num_steps=2",
+    "--config.train.log_every=1",
+    *args,
+    xla_flags=xla_flags,
   )
 
 
