@@ -58,11 +58,7 @@ def configure_devices(config) -> None:
   from deep_image.parallel.mesh import configure_host_devices
 
   par = config.parallel
-  processes = par.num_processes if par.distributed == "explicit" else 1
-  try:
-    configure_host_devices(par.num_devices, processes)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  configure_host_devices(par.num_devices, par.num_processes if par.distributed == "explicit" else 1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

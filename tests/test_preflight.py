@@ -68,6 +68,9 @@ def test_unwritable_workdir(tmp_path):
     ("model.dtype", "float16", r"model.dtype='float16'"),
     ("parallel.strategy", "pipeline", r"parallel.strategy='pipeline'"),
     ("train.batch_size", 4000, r"train.batch_size=4000: the training split has"),
+    ("train.warmup_steps", -1, r"train.warmup_steps=-1 must be >= 0"),
+    ("data.augment.flip.probability", 1.5, r"data.augment.flip.probability=1.5 must be a prob"),
+    ("data.augment_on", "gpu", r"data.augment_on='gpu'"),
   ],
 )
 def test_field_errors(tmp_path, field, value, message):

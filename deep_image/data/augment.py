@@ -48,6 +48,8 @@ import cv2
 import ml_collections
 import numpy as np
 
+from deep_image.config_error import ConfigError
+
 # ----------------------------------------------------------------------------------------
 # Parameter spaces. Table 1 is computed from these (see `space_sizes`); do not type counts.
 
@@ -163,7 +165,9 @@ def lens_values(cfg: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[
   lc = cfg.lens_distortion
   unknown = set(lc.kinds) - set(LENS_KINDS)
   if unknown:
-    raise ValueError(f"unknown lens_distortion kinds {sorted(unknown)}; known: {LENS_KINDS}")
+    raise ConfigError(
+      f"data.augment.lens_distortion.kinds has unknown kinds {sorted(unknown)}; known: {LENS_KINDS}"
+    )
   kinds = tuple(LENS_KINDS.index(k) + 1 for k in LENS_KINDS if k in lc.kinds)
   return kinds, tuple(d for d in LENS_DEGREES if d <= lc.max_degree)
 
@@ -338,7 +342,7 @@ class SamplingSpace:
       group, name = field.split(".")
       value = cfg[group][name]
       if not 0.0 <= value <= 1.0:
-        raise ValueError(f"data.augment.{field}={value} must be a probability in [0, 1]")
+        raise ConfigError(f"data.augment.{field}={value} must be a probability in [0, 1]")
     on = lambda sub, *spaces: float(sub.probability) if sub.enabled and all(spaces) else 0.0
     rotations = rotation_values(cfg)
     kinds, degrees = lens_values(cfg)

@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from deep_image.config_error import ConfigError
 from deep_image.data import augment, augment_device, sources
 from deep_image.data.sources import decode_image, make_source
 
@@ -177,6 +178,19 @@ def init_worker(worker_index: int, worker_count: int) -> None:
   libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
+def check_augment_on(data_cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError unless data.augment_on is one of AUGMENT_ON."""
+  if data_cfg.augment_on not in AUGMENT_ON:
+    raise ConfigError(f"data.augment_on={data_cfg.augment_on!r}: expected one of {AUGMENT_ON}")
+
+
+def check_crop_fits(data_cfg: ml_collections.ConfigDict, scale_field: str) -> None:
+  """ConfigError unless data.augment.crop_size <= data.<scale_field> ('train_scale' / ...)."""
+  crop, scale = int(data_cfg.augment.crop_size), int(data_cfg[scale_field])
+  if crop > scale:
+    raise ConfigError(f"data.augment.crop_size={crop} exceeds data.{scale_field}={scale}")
+
+
 def _maybe_prefetch(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
   workers = int(data_cfg.num_workers if num_workers is None else num_workers)
   if workers <= 0:
@@ -233,12 +247,10 @@ def make_train_iterator(
       crop larger than the train scale, or a shard smaller than one batch.
   """
   b = _host_batch_size(global_batch_size, process_count)
+  check_augment_on(data_cfg)
   augment_on = data_cfg.augment_on
-  if augment_on not in AUGMENT_ON:
-    raise ValueError(f"data.augment_on={augment_on!r}: expected one of {AUGMENT_ON}")
+  check_crop_fits(data_cfg, "train_scale")
   scale, aug_cfg = int(data_cfg.train_scale), data_cfg.augment
-  if aug_cfg.crop_size > scale:
-    raise ValueError(f"data.augment.crop_size={aug_cfg.crop_size} exceeds data.train_scale={scale}")
   src = make_source(data_cfg, "train") if source is None else source
   n = len(src) - len(src) % process_count
   if n // process_count < b:
@@ -338,9 +350,9 @@ def make_eval_iterator(
   if mode not in EVAL_MODES:
     raise ValueError(f"eval mode={mode!r}: expected one of {EVAL_MODES}")
   src = make_source(data_cfg, split) if source is None else source
+  if mode == "center":
+    check_crop_fits(data_cfg, "eval_scale")
   scale, crop = int(data_cfg.eval_scale), int(data_cfg.augment.crop_size)
-  if mode == "center" and crop > scale:
-    raise ValueError(f"data.augment.crop_size={crop} exceeds data.eval_scale={scale}")
   total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
   ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset()

@@ -44,12 +44,14 @@ import jax.numpy as jnp
 from absl import logging
 from jax import lax
 
+from deep_image.config_error import ConfigError
+
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 
 
 def _check_algorithm(algorithm: str) -> None:
   if algorithm not in ALGORITHMS:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
     )
 

@@ -23,6 +23,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from deep_image.config_error import ConfigError
+
 _distributed_initialized = False
 
 
@@ -49,7 +51,7 @@ def maybe_initialize_distributed(parallel_cfg) -> None:
       process_id=parallel_cfg.process_id,
     )
   else:
-    raise ValueError(f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'")
+    raise ConfigError(f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'")
   _distributed_initialized = True
   logging.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
 
@@ -71,20 +73,20 @@ def resolve_mesh_shape(mesh_spec, num_devices: int) -> tuple[tuple[str, ...], tu
   names = tuple(str(name) for name, _ in mesh_spec)
   sizes = [int(size) for _, size in mesh_spec]
   if len(set(names)) != len(names):
-    raise ValueError(f"parallel.mesh={tuple(mesh_spec)} repeats an axis name")
+    raise ConfigError(f"parallel.mesh={tuple(mesh_spec)} repeats an axis name")
   if sizes.count(-1) > 1:
-    raise ValueError(f"parallel.mesh={tuple(mesh_spec)} has more than one -1 size")
+    raise ConfigError(f"parallel.mesh={tuple(mesh_spec)} has more than one -1 size")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"parallel.mesh={tuple(mesh_spec)}: sizes must be positive or -1")
+    raise ConfigError(f"parallel.mesh={tuple(mesh_spec)}: sizes must be positive or -1")
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ValueError(
+      raise ConfigError(
         f"parallel.mesh={tuple(mesh_spec)}: {num_devices} devices do not divide by {fixed}"
       )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) > num_devices:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.mesh={tuple(mesh_spec)} needs {math.prod(sizes)} devices but only "
       f"{num_devices} are available (jax.devices())"
     )
@@ -132,7 +134,7 @@ def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
     logging.info("XLA_FLAGS sets %d host devices; parallel.num_devices is not used", forced)
     return
   if num_devices % num_processes:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.num_devices={num_devices} does not divide over "
       f"parallel.num_processes={num_processes}"
     )

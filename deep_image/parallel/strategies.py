@@ -45,6 +45,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deep_image.config_error import ConfigError
 from deep_image.models import losses
 from deep_image.models.vgg import MODELS, VGG
 from deep_image.parallel import collectives, fc_block, layouts
@@ -64,29 +65,29 @@ def validate_parallel_config(config, num_devices: int) -> None:
   """
   par = config.parallel
   if par.strategy not in STRATEGIES:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGIES}"
     )
   collectives.resolve_algorithm(par.collective, 2)
   if par.strategy == "hybrid" and par.conv not in CONV_MODES:
-    raise ValueError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
+    raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
   n = math.prod(sizes)
   if par.strategy != "gspmd" and sum(s > 1 for s in sizes) > 1:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.strategy={par.strategy!r} runs over one mesh axis, but parallel.mesh="
       f"{tuple(par.mesh)} has several axes larger than 1"
     )
   batch = config.train.batch_size
   if batch <= 0 or batch % n:
-    raise ValueError(
+    raise ConfigError(
       f"train.batch_size={batch} does not divide over the {n} devices of parallel.mesh="
       f"{dict(zip(names, sizes, strict=True))}"
     )
   split_over = _fc_split_devices(par, dict(zip(names, sizes, strict=True)))
   h1 = MODELS[config.model.name]["fc"][0] if config.model.name in MODELS else None
   if h1 is not None and split_over > 1 and h1 % split_over:
-    raise ValueError(
+    raise ConfigError(
       f"parallel.strategy={par.strategy!r} splits FC1's {h1} outputs over {split_over} "
       f"devices; model.name={config.model.name!r} needs a device count that divides {h1} "
       f"(or, for gspmd, parallel.shard_fc=False)"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from deep_image.config_error import ConfigError
+
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup from 0 to the peak rate, then cosine decay to 0.
@@ -23,9 +25,9 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     ValueError naming the field when warmup_steps or lr_batch_reference is negative.
   """
   if train_cfg.warmup_steps < 0:
-    raise ValueError(f"train.warmup_steps={train_cfg.warmup_steps} must be >= 0")
+    raise ConfigError(f"train.warmup_steps={train_cfg.warmup_steps} must be >= 0")
   if train_cfg.lr_batch_reference < 0:
-    raise ValueError(
+    raise ConfigError(
       f"train.lr_batch_reference={train_cfg.lr_batch_reference} must be >= 0 (0: no scaling)"
     )
   peak = train_cfg.learning_rate

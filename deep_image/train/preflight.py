@@ -9,8 +9,12 @@ check                             field
 ================================  ============================================
 strategy, collective, mesh,       parallel.*, train.batch_size
 batch over the devices, FC split
+learning-rate schedule            train.warmup_steps, lr_batch_reference
+augmentation probabilities,       data.augment.*
+lens distortion kinds
 training crop == model input,     model.image_size, data.augment.crop_size,
-crop <= train / eval scale        data.train_scale, data.eval_scale
+crop <= train / eval scale,       data.train_scale, data.eval_scale,
+where augmentation runs           data.augment_on
 evaluation batch over the         train.eval_batch_size
 processes and devices
 step counts and intervals         train.num_steps, log_every, eval_every,
@@ -22,8 +26,9 @@ at least one batch per process    train.batch_size
 the workdir is writable           --workdir
 ================================  ============================================
 
-Genuine bugs are not caught here: only the errors the checks themselves name
-become ConfigError.
+Where a module owns a check (strategies, optimizer, augmentation) it raises
+ConfigError itself and this module calls it; genuine bugs are never turned
+into ConfigError.
 """
 
 from __future__ import annotations
@@ -34,16 +39,11 @@ import tempfile
 import jax
 
 from deep_image.config_error import ConfigError
+from deep_image.data import augment, pipeline
 from deep_image.data.sources import make_source
 from deep_image.models.vgg import MODELS
 from deep_image.parallel import strategies
-
-
-def _check_parallel(config, num_devices: int) -> None:
-  try:
-    strategies.validate_parallel_config(config, num_devices)
-  except ValueError as e:  # its messages name the field already
-    raise ConfigError(str(e)) from None
+from deep_image.train.optimizer import learning_rate_schedule
 
 
 def _check_model_and_crop(config) -> None:
@@ -61,8 +61,8 @@ def _check_model_and_crop(config) -> None:
       "(the network is built for the training crop)"
     )
   for field in ("train_scale", "eval_scale"):
-    if crop > data[field]:
-      raise ConfigError(f"data.augment.crop_size={crop} exceeds data.{field}={data[field]}")
+    pipeline.check_crop_fits(data, field)
+  pipeline.check_augment_on(data)
 
 
 def _check_counts(train) -> None:
@@ -133,7 +133,10 @@ def preflight(config, workdir: str, num_devices: int, process_count: int | None 
   process_count = jax.process_count() if process_count is None else process_count
   _check_counts(config.train)
   _check_model_and_crop(config)
-  _check_parallel(config, num_devices)
+  # The owners' own checks (they raise ConfigError), run here before anything compiles.
+  strategies.validate_parallel_config(config, num_devices)
+  learning_rate_schedule(config.train)
+  augment.SamplingSpace.from_config(config.data.augment)
   _check_eval_batch(config, num_devices, process_count)
   _check_workdir(workdir)
   return _check_data(config, process_count)
