@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
+from deep_image.config_error import ConfigError
 from deep_image.parallel.train_state import TrainState
 
 # Fields that fix the shapes and the meaning of the saved state: a checkpoint
@@ -68,7 +69,7 @@ RESUME_FIELDS = (
 )
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(ConfigError):
   """A checkpoint that cannot restore into the current config (names the field)."""
 
 

@@ -39,7 +39,7 @@ from deep_image.evaluate.accuracy import evaluate_batches
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
-from deep_image.train.checkpoint import Checkpointer, IncompatibleCheckpoint
+from deep_image.train.checkpoint import Checkpointer
 from deep_image.train.metrics import MetricsWriter, Progress
 from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
 from deep_image.train.preflight import preflight
@@ -162,10 +162,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"train.num_steps={config.train.num_steps} is below step {start} of the latest "
         f"checkpoint in {checkpoints.directory}; use another --workdir for a shorter run"
       )
-    try:
-      state = checkpoints.restore(start, strategy, config, batches)
-    except IncompatibleCheckpoint as e:
-      raise ConfigError(str(e)) from None
+    # IncompatibleCheckpoint (a ConfigError) when the model or optimizer fields differ.
+    state = checkpoints.restore(start, strategy, config, batches)
     logging.info("resumed from step %d (%s)", start, checkpoints.step_dir(start))
 
   run = _Run(config, workdir, strategy, model, batches, eval_source, checkpoints, start)
