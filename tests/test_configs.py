@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from deep_image.data import pipeline
 from experiments.configs import base, default, scaling, table2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -46,7 +47,9 @@ def test_every_config_and_variant_loads_with_the_base_fields(name, arg):
   # Config files change values only: every config has exactly base's fields.
   assert set(_leaves(config)) == set(_leaves(base.get_config()))
   assert config.model.image_size == config.data.augment.crop_size
-  assert config.data.augment.crop_size <= min(config.data.train_scale, config.data.eval_scale)
+  assert config.data.augment.crop_size <= min(
+    config.data.train_scale, pipeline.eval_scale(config.data)
+  )
   assert config.train.batch_size % config.parallel.num_devices == 0
   if arg == "tiny":
     assert config.model.name == "vgg_tiny" and config.train.num_steps <= 20

@@ -174,6 +174,37 @@ def test_eval_pads_the_last_batch_and_masks_it():
   assert full[0]["image"].shape == (4, 16, 24, 3) and full[-1]["mask"].sum() == 3
 
 
+def test_eval_modes_scales_and_source_indices():
+  cfg, src = _index_cfg(crop=8, scale=16), IndexSource(5, shape=(16, 24))
+  # 'square': the centre S x S square of the resized image (dense evaluation's input).
+  (square,) = pipeline.make_eval_iterator(cfg, global_batch_size=8, mode="square", source=src)
+  assert square["image"].shape == (8, 16, 16, 3)
+  # 'index' is the record's position in the source; padding repeats real records.
+  assert square["index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+  assert square["label"].tolist() == square["index"].tolist()
+  (larger,) = pipeline.make_eval_iterator(
+    cfg, global_batch_size=8, mode="square", scale=32, source=src
+  )
+  assert larger["image"].shape == (8, 32, 32, 3)
+  with pytest.raises(ValueError, match="crop_size=8 exceeds the evaluation scale 6"):
+    pipeline.make_eval_iterator(cfg, global_batch_size=8, scale=6, source=src)
+
+
+def test_eval_scale_zero_follows_train_scale():
+  cfg = _index_cfg(crop=8, scale=20)
+  cfg.eval_scale = 0
+  assert pipeline.eval_scale(cfg) == 20
+  (batch,) = pipeline.make_eval_iterator(
+    cfg, global_batch_size=2, mode="square", source=IndexSource(2)
+  )
+  assert batch["image"].shape == (2, 20, 20, 3)
+  cfg.eval_scale = 24
+  assert pipeline.eval_scale(cfg) == 24
+  cfg.eval_scale = -1
+  with pytest.raises(ValueError, match=r"data.eval_scale=-1 must be >= 0"):
+    pipeline.eval_scale(cfg)
+
+
 _WORKERS_SCRIPT = textwrap.dedent(
   """
   import numpy as np

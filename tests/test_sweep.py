@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from deep_image.data import pipeline
 from experiments import sweep
 from experiments.configs import default, table2
 
@@ -30,14 +31,11 @@ def test_sweeps_of_the_config_files():
   names = [p["name"] for p in sweep.build_points(config, default.sweep_collectives(config))]
   assert names == ["collective=butterfly", "collective=ring", "collective=direct", "collective=xla"]
   scales = sweep.build_points(table2.get_config(), table2.sweep_train_scale(table2.get_config()))
-  assert [p["name"] for p in scales] == [
-    "train_scale=256,eval_scale=256",
-    "train_scale=512,eval_scale=512",
-  ]
-  assert [(p["config"].data.train_scale, p["config"].data.eval_scale) for p in scales] == [
-    (256, 256),
-    (512, 512),
-  ]
+  assert [p["name"] for p in scales] == ["train_scale=256", "train_scale=512"]
+  # eval_scale is left at 0, so each point is tested at its own training scale.
+  assert [
+    (p["config"].data.train_scale, pipeline.eval_scale(p["config"].data)) for p in scales
+  ] == [(256, 256), (512, 512)]
   with pytest.raises(ValueError, match=r"'nope'.*\['collectives', 'strategies'\]"):
     sweep.get_sweep(module, "nope")
 

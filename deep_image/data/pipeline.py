@@ -47,7 +47,7 @@ from deep_image.data import augment, augment_device, sources
 from deep_image.data.sources import decode_image, make_source
 
 AUGMENT_ON = ("host", "device")
-EVAL_MODES = ("center", "full")
+EVAL_MODES = ("center", "square", "full")
 
 # glibc mallopt parameters (malloc.h): the env vars MALLOC_TRIM_THRESHOLD_ /
 # MALLOC_MMAP_THRESHOLD_ set the same, but only for processes started after they are set.
@@ -63,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
   Pipeline fields:
     train_scale: S, training images are resized so their shorter side is S (256, 512, ...;
       paper 4.2 trains one model per scale) before the random crop.
-    eval_scale: shorter side of evaluation images before the centre crop / dense evaluation.
+    eval_scale: shorter side of evaluation images before the centre crop / dense evaluation;
+      0 (the default): the train scale, so a model is tested at the scale it learned
+      (`eval_scale(data_cfg)` resolves it).
     num_workers: Grain worker processes (`mp_prefetch`); 0 runs the pipeline in-process.
     worker_buffer_size: batches each worker prepares ahead.
     augment_on: 'host' (workers crop and augment) or 'device' (workers only decode and
@@ -79,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   cfg = sources.default_config()
   cfg.train_scale = 256
-  cfg.eval_scale = 256
+  cfg.eval_scale = 0
   cfg.num_workers = 0
   cfg.worker_buffer_size = 2
   cfg.augment_on = "host"
@@ -184,9 +186,18 @@ def check_augment_on(data_cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"data.augment_on={data_cfg.augment_on!r}: expected one of {AUGMENT_ON}")
 
 
+def eval_scale(data_cfg: ml_collections.ConfigDict) -> int:
+  """The evaluation images' shorter side: data.eval_scale, or data.train_scale when it is 0."""
+  if data_cfg.eval_scale < 0:
+    raise ConfigError(f"data.eval_scale={data_cfg.eval_scale} must be >= 0 (0: train_scale)")
+  return int(data_cfg.eval_scale or data_cfg.train_scale)
+
+
 def check_crop_fits(data_cfg: ml_collections.ConfigDict, scale_field: str) -> None:
-  """ConfigError unless data.augment.crop_size <= data.<scale_field> ('train_scale' / ...)."""
-  crop, scale = int(data_cfg.augment.crop_size), int(data_cfg[scale_field])
+  """ConfigError unless data.augment.crop_size <= data.<scale_field> ('train_scale' /
+  'eval_scale', the latter resolved by `eval_scale`)."""
+  crop = int(data_cfg.augment.crop_size)
+  scale = eval_scale(data_cfg) if scale_field == "eval_scale" else int(data_cfg[scale_field])
   if crop > scale:
     raise ConfigError(f"data.augment.crop_size={crop} exceeds data.{scale_field}={scale}")
 
@@ -293,14 +304,20 @@ class _EvalExample:
     self.src, self.scale, self.crop_size, self.mode = src, scale, crop_size, mode
 
   def __call__(self, index: int) -> dict:
-    record = self.src[index % len(self.src)]
+    source_index = index % len(self.src)
+    record = self.src[source_index]
     image = _decode_resized(record, self.scale)
-    if self.mode == "center":
+    if self.mode != "full":
+      side = self.crop_size if self.mode == "center" else self.scale
       h, w = image.shape[:2]
-      y0, x0 = (h - self.crop_size) // 2, (w - self.crop_size) // 2
-      image = np.ascontiguousarray(image[y0 : y0 + self.crop_size, x0 : x0 + self.crop_size])
-    label = np.int32(record["label"])
-    return {"image": image, "label": label, "mask": np.bool_(index < len(self.src))}
+      y0, x0 = (h - side) // 2, (w - side) // 2
+      image = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+    return {
+      "image": image,
+      "label": np.int32(record["label"]),
+      "index": np.int32(source_index),
+      "mask": np.bool_(index < len(self.src)),
+    }
 
 
 def _stack_eval(examples: list[dict]) -> dict:
@@ -320,6 +337,7 @@ def make_eval_iterator(
   process_index: int = 0,
   process_count: int = 1,
   mode: str = "center",
+  scale: int | None = None,
   split: str = "validation",
   num_workers: int | None = None,
   source: Any = None,
@@ -334,15 +352,19 @@ def make_eval_iterator(
     data_cfg: `config.data`.
     global_batch_size: examples per step over all processes.
     process_index, process_count: this process's share.
-    mode: 'center' (resize shorter side to eval_scale, centre crop augment.crop_size) or
-      'full' (the whole resized image, for dense evaluation; same-size images per batch).
+    mode: after resizing the shorter side to the scale: 'center' (the centre
+      augment.crop_size crop), 'square' (the centre scale x scale square: the whole image
+      of a square source; dense evaluation batches these) or 'full' (the whole resized
+      image; same-size images per batch).
+    scale: the shorter side; None: `eval_scale(data_cfg)`.
     split: generic split name for `make_source`.
     num_workers: overrides `data_cfg.num_workers`.
     source: a random-access source; `make_source(data_cfg, split)` when None.
 
   Returns:
-    a Grain DatasetIterator of {'image': uint8 [b, c, c, 3] ('center') or [b, h, w, 3]
-    ('full'), 'label': int32 [b] (the repeated record's where padded), 'mask': bool [b]
+    a Grain DatasetIterator of {'image': uint8 [b, c, c, 3] ('center'), [b, s, s, 3]
+    ('square') or [b, h, w, 3] ('full'), 'label': int32 [b], 'index': int32 [b] (the
+    record's position in the source; padding repeats real records), 'mask': bool [b]
     (True = real example)},
     b = global_batch_size / process_count.
   """
@@ -350,9 +372,10 @@ def make_eval_iterator(
   if mode not in EVAL_MODES:
     raise ValueError(f"eval mode={mode!r}: expected one of {EVAL_MODES}")
   src = make_source(data_cfg, split) if source is None else source
-  if mode == "center":
-    check_crop_fits(data_cfg, "eval_scale")
-  scale, crop = int(data_cfg.eval_scale), int(data_cfg.augment.crop_size)
+  scale = eval_scale(data_cfg) if scale is None else int(scale)
+  crop = int(data_cfg.augment.crop_size)
+  if crop > scale:
+    raise ConfigError(f"data.augment.crop_size={crop} exceeds the evaluation scale {scale}")
   total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
   ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset()

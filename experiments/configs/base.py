@@ -39,7 +39,7 @@ data.highres.num_objects                (2, 4)           highres: class objects 
 data.highres.num_distractors            (2, 4)           highres: distractors per scene
 data.eval_split                         'validation'     split of the periodic and final eval
 data.train_scale                        36               S: train images' shorter side
-data.eval_scale                         36               eval images' shorter side
+data.eval_scale                         0                eval shorter side (0: train_scale)
 data.num_workers                        0                Grain worker processes (0: in-process)
 data.worker_buffer_size                 2                batches each worker prepares ahead
 data.augment_on                         'host'           'host' | 'device' (in the jitted step)
@@ -129,7 +129,7 @@ def _job() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.eval_split = "validation"
   # Digits: upsampled to 32, resized to 36, random 32 crops (+-2 px shifts).
-  c.data.train_scale = c.data.eval_scale = 36
+  c.data.train_scale = 36  # eval_scale 0 follows it
   c.data.augment.crop_size = 32
   c.data.augment.flip.enabled = False  # a mirrored 2 or 5 is not the same digit
   # Milder than the ImageNet defaults: a 32 px digit survives less distortion.
@@ -173,7 +173,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.model.name = "vgg_tiny"
   c.model.image_size = c.data.augment.crop_size = 16
   c.data.image_size = 16
-  c.data.train_scale = c.data.eval_scale = 18
+  c.data.train_scale = 18
   c.train.num_steps = 12
   c.train.warmup_steps = 2
   c.train.batch_size = 32
