@@ -25,10 +25,8 @@ sets --xla_force_host_platform_device_count.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -46,6 +44,7 @@ from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
+from experiments.markdown import machine_markdown, table
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer repeats (a smoke run, not a measurement).")
 _OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
@@ -311,29 +310,8 @@ def memory_rows(
 # --- markdown ----------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
 def _mib(n: int) -> str:
   return f"{n / 2**20:,.1f}"
-
-
-def machine_markdown(command: str) -> str:
-  """Machine, software and date lines for the report header."""
-  dev = jax.devices()[0]
-  return "\n".join(
-    [
-      f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-      f"- command: `{command}`",
-      f"- machine: {os.cpu_count()} CPUs, processor `{platform.processor() or 'unknown'}`, "
-      f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-      f"- jax {jax.__version__}, backend `{jax.default_backend()}`, "
-      f"{jax.device_count()} devices of kind `{dev.device_kind}`",
-    ]
-  )
 
 
 def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int) -> str:
@@ -345,7 +323,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
     f"### 1. Step time on {n} devices, `{model}` {image_size}x{image_size}, global batch "
     f"{batch} ({reps} round-robin rounds; target: hand-written <= 1.05x gspmd)",
     "",
-    _table(
+    table(
       [
         "strategy / collective",
         "median ms",
@@ -377,7 +355,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
       f"### 2. SPMD overhead: {n}-device step / 1-device step, global batch {batch} "
       "(target <= 1.10)",
       "",
-      _table(
+      table(
         ["program", "median ms", f"{n}-dev / 1-dev (medians)", "paired", "met"],
         [
           ("gspmd, 1 device", f"{1e3 * one:.1f}", "1.000", "1.000", ""),
@@ -405,7 +383,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
       f"[{shape['batch']}, {shape['size']}, {shape['size']}, {shape['cin']}] -> {shape['cout']}"
       f" at {conv_rate / 1e9:.1f} GFLOP/s on one device (target >= 0.8)",
       "",
-      _table(
+      table(
         [
           "program",
           "GFLOP / step (all devices)",
@@ -440,7 +418,7 @@ def memory_markdown(rows: list[dict], model: str, batch: int, n: int) -> str:
     f"Parameters + optimizer state, all devices together: {_mib(total)} MiB; / {n} = "
     f"{_mib(total // n)} MiB.",
     "",
-    _table(
+    table(
       [
         "strategy",
         "argument",

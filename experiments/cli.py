@@ -61,6 +61,25 @@ def configure_devices(config) -> None:
   configure_host_devices(par.num_devices, par.num_processes if par.distributed == "explicit" else 1)
 
 
+def configure_devices_for_runs(workdirs: list[str]):
+  """`configure_devices` from the config of the first run in `workdirs` (before JAX starts);
+  returns the runs' configs (`WORKDIR/config.json`), ConfigError for a folder that is not a
+  run's workdir."""
+  from deep_image.train.run_config import read_run_config
+
+  configs = [read_run_config(w) for w in workdirs]
+  configure_devices(configs[0])
+  return configs
+
+
+def split_list(text: str, flag: str) -> list[str]:
+  """'a,b, c' -> ['a', 'b', 'c']; ConfigError naming `flag` when nothing is left."""
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  if not items:
+    raise ConfigError(f"--{flag}={text!r}: expected a comma-separated list")
+  return items
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)

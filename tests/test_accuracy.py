@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deep_image.data import pipeline
-from deep_image.evaluate.accuracy import evaluate_batches
+from deep_image.evaluate.accuracy import Evaluator
+from deep_image.evaluate.protocol import Protocol
 from deep_image.models import losses
 from deep_image.models.vgg import make_model
 from experiments.configs import base
@@ -24,7 +25,8 @@ SIDE = 4  # images [SIDE, SIDE, 3]: 48 pixels, the first CLASSES of them are the
 class PixelLogits:
   """Stands in for a VGG: logits = the image's first CLASSES pixels, times params['scale']."""
 
-  def apply(self, variables, images):
+  def apply(self, variables, images, dense=False):
+    assert not dense, "PixelLogits has no score map"
     flat = images.reshape(images.shape[0], -1)[:, :CLASSES].astype(jnp.float32)
     return flat * variables["params"]["scale"]
 
@@ -50,6 +52,15 @@ class ScoreSource:
 def _sharding():
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   return NamedSharding(mesh, PartitionSpec("batch"))
+
+
+CENTER = Protocol("center", (SIDE,))
+
+
+def _evaluate(source, scale=1.0):
+  evaluator = Evaluator(PixelLogits(), _eval_cfg(), _sharding(), global_batch_size=8)
+  evaluation = evaluator.run({"scale": jnp.float32(scale)}, [CENTER], split="-", source=source)
+  return evaluation.results[CENTER.name]
 
 
 def _eval_cfg():
@@ -82,14 +93,13 @@ def test_padded_last_batch_counts_only_the_real_examples():
   # The case under test really occurs: a padded last batch whose padding are top-1 hits.
   assert [b["mask"].tolist() for b in batches] == [[True] * 8, [True] * 2 + [False] * 6]
   assert len(batches[1]["label"]) == 8
-  params = {"scale": jnp.float32(1.0)}
-  result = evaluate_batches(PixelLogits(), params, iter(batches), _sharding())
+  result = _evaluate(source)
   assert result == {"top1": pytest.approx(0.6), "top5": pytest.approx(0.8), "count": 10}
 
 
 def test_empty_split_is_an_error():
   with pytest.raises(ValueError, match="empty"):
-    evaluate_batches(PixelLogits(), {"scale": jnp.float32(1.0)}, iter([]), _sharding())
+    _evaluate(ScoreSource([], []))
 
 
 def _tie_cases():
@@ -154,10 +164,7 @@ def test_mask_drops_rows_from_both_counts():
 def test_evaluation_counts_ties_against_the_label():
   cases = _tie_cases()
   source = ScoreSource([c[0] for c in cases], [c[1] for c in cases])
-  batches = pipeline.make_eval_iterator(
-    _eval_cfg(), global_batch_size=8, source=source, num_workers=0
-  )
-  result = evaluate_batches(PixelLogits(), {"scale": jnp.float32(1.0)}, batches, _sharding())
+  result = _evaluate(source)
   n = len(cases)
   assert result["count"] == n
   assert result["top1"] == pytest.approx(sum(c[2] for c in cases) / n)

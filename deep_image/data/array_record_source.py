@@ -167,6 +167,7 @@ class ArrayRecordSource:
     with open(os.path.join(directory, CLASSES_NAME), encoding="utf-8") as f:
       self.classes: list[str] = json.load(f)
     self.num_classes = len(self.classes)
+    self.class_names = tuple(self.classes)
     # Empty shards (every file of a shard skipped) hold nothing to read: leave them out.
     paths = [
       os.path.join(directory, s["name"]) for s in self.manifest["shards"] if s["num_records"]

@@ -64,6 +64,7 @@ class DigitsSource:
   """In-memory random-access source: `source[i]` = {'image': uint8 [S,S,3], 'label': int}."""
 
   num_classes = NUM_CLASSES
+  class_names = tuple(str(d) for d in range(NUM_CLASSES))
 
   def __init__(self, image_size: int = 32, split: str = "train", seed: int = 0):
     self.image_size, self.split, self.seed = image_size, split, seed

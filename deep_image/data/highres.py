@@ -39,6 +39,10 @@ _TEE = [
 ]  # fmt: skip
 _CLASS_SHAPES = (_TRIANGLE, _ELL, _TEE)
 MAX_CLASSES = 4 * len(_CLASS_SHAPES)
+# Class c: shape c // 4, its orientation-0 top turned to face this way (clockwise steps).
+CLASS_NAMES = tuple(
+  f"{shape} {way}" for shape in ("triangle", "L", "T") for way in ("up", "right", "down", "left")
+)
 _PLUS = [
   (-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3),
   (0.3, 1.0), (-0.3, 1.0), (-0.3, 0.3), (-1.0, 0.3), (-1.0, -0.3), (-0.3, -0.3),
@@ -182,6 +186,11 @@ class HighResSource:
 
   def __len__(self) -> int:
     return self.num_examples
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """Names of labels 0..num_classes-1, e.g. 'triangle up', 'L right'."""
+    return CLASS_NAMES[: self.num_classes]
 
   def label(self, index: int) -> int:
     """The class of example `index`, without rendering it."""

@@ -1,7 +1,7 @@
 """Picks a random-access data source from the config, and decodes images from any of them.
 
 Every source is Grain-compatible (`__len__`, `__getitem__`, picklable, a stable `__repr__`),
-has `num_classes`, and yields dicts with at least:
+has `num_classes` and `class_names` (one string per label), and yields dicts with at least:
 
   'image': encoded bytes (ArrayRecord) or uint8 [H, W, 3] (TFDS, digits, highres)
   'label': int in [0, num_classes)

@@ -29,7 +29,9 @@ class TfdsSource:
     # download=False: a missing dataset should fail fast here, not start a download on a
     # training host.
     self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    self.num_classes: int = self._source.dataset_info.features["label"].num_classes
+    label = self._source.dataset_info.features["label"]
+    self.num_classes: int = label.num_classes
+    self.class_names: tuple[str, ...] = tuple(label.names)
 
   def __len__(self) -> int:
     return len(self._source)

@@ -147,9 +147,11 @@ class Checkpointer:
   Args:
     workdir: the run's folder; checkpoints go to WORKDIR/checkpoints.
     keep: how many of the latest checkpoints to keep (`train.keep_checkpoints`).
+    read_only: only read (evaluation, prediction): never save, delete or clean up, so a
+      run still training in `workdir` is left alone.
   """
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, *, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     logging.get_absl_logger().addFilter(_QUIET_ORBAX)  # filters are a set: added once
     policy = checkpoint_managers.AnyPreservationPolicy(
@@ -165,7 +167,8 @@ class Checkpointer:
       best_fn=_top1,
       enable_async_checkpointing=True,
       # Leftovers of a save that was killed mid-write are removed, never read.
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
     )
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -238,8 +241,9 @@ class Checkpointer:
     self.manager.close()
 
   # --- restore ---------------------------------------------------------------
-  def restore(self, step: int, strategy, config, input_source) -> TrainState:
-    """The state saved at `step`, laid out for `strategy`; positions `input_source`.
+  def restore(self, step: int, strategy, config, input_source=None) -> TrainState:
+    """The state saved at `step`, laid out for `strategy`; positions `input_source` (None:
+    the state only, e.g. to evaluate).
 
     Raises IncompatibleCheckpoint when the model / optimizer fields differ.
     """
@@ -266,6 +270,8 @@ class Checkpointer:
         strategy.mesh.size,
       )
       state = self._restore_other_layout(step, meta, strategy)
+    if input_source is None:
+      return state
     same_input = (
       meta["input"] == input_source.kind
       and meta["process_count"] == jax.process_count()

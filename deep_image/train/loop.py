@@ -7,6 +7,7 @@ WORKDIR/             written
 ===================  ========================================================
 checkpoints/<step>/  every `train.checkpoint_every` steps, at each evaluation,
                      at the end and on SIGTERM (`deep_image.train.checkpoint`)
+config.json          the run's config, rewritten at every start (`run_config`)
 metrics.jsonl        one record per logged step and per evaluation; on
                      resume the records past the restored step are dropped
 tensorboard/         the same numbers as TensorBoard scalars
@@ -35,7 +36,8 @@ from absl import logging
 
 from deep_image.config_error import ConfigError
 from deep_image.data import pipeline
-from deep_image.evaluate.accuracy import evaluate_batches
+from deep_image.evaluate.accuracy import Evaluator
+from deep_image.evaluate.protocol import Protocol
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
@@ -44,6 +46,7 @@ from deep_image.train.metrics import MetricsWriter, Progress
 from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
 from deep_image.train.preflight import preflight
 from deep_image.train.result import RESULT_NAME, read_result, write_result
+from deep_image.train.run_config import write_run_config
 from deep_image.train.train_input import TrainInput
 
 
@@ -135,6 +138,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.train.num_steps,
     )
   train_source, eval_source = preflight(config, workdir, jax.device_count())
+  if jax.process_index() == 0:
+    write_run_config(workdir, config)
   mesh = mesh_lib.make_mesh(config.parallel)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
 
@@ -184,6 +189,12 @@ class _Run:
     self.writer = MetricsWriter(workdir, resume_step=start)
     self.schedule = learning_rate_schedule(config.train)
     self.window_rates: list[float] = []
+    self.evaluator = Evaluator(
+      model, config.data, strategy.batch_sharding, config.train.eval_batch_size
+    )
+    # The protocol of every evaluation during training: the centre crop at the eval scale
+    # (`experiments.evaluate` adds dense, flipped and multi-scale protocols afterwards).
+    self.protocol = Protocol("center", (pipeline.eval_scale(config.data),))
 
   def close(self) -> None:
     self.checkpoints.close()
@@ -208,18 +219,14 @@ class _Run:
 
   def _evaluate(self, state, step: int, *, record_it: bool = True) -> dict:
     data = self.config.data
-    eval_batches = pipeline.make_eval_iterator(
-      data,
-      global_batch_size=self.config.train.eval_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+    evaluation = self.evaluator.run(
+      self.strategy.full_params(state),
+      [self.protocol],
       split=data.eval_split,
       source=self.eval_source,
     )
-    result = evaluate_batches(
-      self.model, self.strategy.full_params(state), eval_batches, self.strategy.batch_sharding
-    )
-    record = {"split": data.eval_split, **result}
+    result = evaluation.results[self.protocol.name]
+    record = {"split": data.eval_split, "protocol": self.protocol.name, **result}
     if record_it:
       self.writer.write_eval(step, record)
     logging.info(
