@@ -1,8 +1,10 @@
 """Grain pipelines: determinism, exact resume, process shards, errors, workers, host == device."""
 
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -205,48 +207,119 @@ def test_eval_scale_zero_follows_train_scale():
     pipeline.eval_scale(cfg)
 
 
+# A plain program (no absl app: `make_train_iterator` must set up Grain's flags itself).
+# It prints its workers' pids before it fails on purpose; the test checks they are gone.
 _WORKERS_SCRIPT = textwrap.dedent(
   """
+  import gc, multiprocessing, sys, time
   import numpy as np
-  from absl import app
   from deep_image.data import pipeline
 
-  def main(_):
-    for source in ("highres", "digits"):
-      cfg = pipeline.default_config()
-      cfg.source, cfg.num_workers = source, 2
-      if source == "highres":
-        cfg.highres.image_size, cfg.highres.num_train_examples, cfg.train_scale = 96, 32, 64
-        cfg.augment.crop_size = 56
-      else:
-        cfg.image_size, cfg.train_scale = 32, 32
-        cfg.augment.crop_size = 28
-      make = lambda: pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0)
-      it = make()
-      first = [next(it) for _ in range(2)]
-      c = cfg.augment.crop_size
-      assert all(b["image"].shape == (8, c, c, 3) for b in first), source
-      if source == "highres":  # Resume once: every worker start costs ~2 s on 2 cores.
-        state = it.get_state()
-        rest = [next(it) for _ in range(2)]
-        resumed = make()
-        resumed.set_state(state)
-        for x in rest:
-          y = next(resumed)
-          np.testing.assert_array_equal(x["image"], y["image"])
-          np.testing.assert_array_equal(x["label"], y["label"])
-      print(source, "ok")
+  def workers_alive(timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return multiprocessing.active_children()
 
-  app.run(main)
+  def make(source, workers=2):
+    cfg = pipeline.default_config()
+    cfg.source, cfg.num_workers = source, workers
+    if source == "highres":
+      cfg.highres.image_size, cfg.highres.num_train_examples, cfg.train_scale = 96, 32, 64
+      cfg.augment.crop_size = 56
+    else:
+      cfg.image_size, cfg.train_scale = 32, 32
+      cfg.augment.crop_size = 28
+    return pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0), cfg.augment.crop_size
+
+  for source in ("highres", "digits"):
+    it, c = make(source)
+    first = [next(it) for _ in range(2)]
+    assert all(b["image"].shape == (8, c, c, 3) for b in first), source
+    assert len(multiprocessing.active_children()) == 2, multiprocessing.active_children()
+    if source == "highres":  # Resume once: every worker start costs ~2 s on 2 cores.
+      state = it.get_state()
+      rest = [next(it) for _ in range(2)]
+      resumed, _ = make(source)
+      resumed.set_state(state)
+      for x in rest:
+        y = next(resumed)
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+      del resumed, rest, x, y
+    # Dropping the iterator ends its workers. (Batches are Grain shared-memory arrays: one
+    # still held when the interpreter exits makes Grain print an ignored error.)
+    del it, first
+    gc.collect()
+    assert not workers_alive(), f"{source}: workers outlive their iterator"
+    print(source, "ok", flush=True)
+
+  it, _ = make(sys.argv[1], workers=1)
+  next(it)
+  print("PIDS", *[p.pid for p in multiprocessing.active_children()], flush=True)
+  if sys.argv[2] == "raise":
+    raise RuntimeError("planted failure")
+  while True:  # Until the test's SIGINT.
+    next(it)
   """
 )
 
 
-def test_two_workers_end_to_end_and_resume():
-  # mp_prefetch needs absl flags parsed, and spawned workers re-import the main module:
-  # a small absl main in a fresh interpreter is the honest setting.
+def _pids_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+  """The pids still running (not zombies) after up to `timeout` seconds."""
+
+  def running(pid):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+      return False
+
+  deadline = time.monotonic() + timeout
+  while any(map(running, pids)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return [p for p in pids if running(p)]
+
+
+def _worker_pids(stdout: str) -> list[int]:
+  (line,) = [x for x in stdout.splitlines() if x.startswith("PIDS")]
+  pids = [int(p) for p in line.split()[1:]]
+  assert len(pids) == 1, line
+  return pids
+
+
+def test_workers_in_a_plain_program_end_with_the_iterator_and_an_exception():
+  # Workers end when the iterator is dropped, and after an uncaught exception no orphan is
+  # left (the atexit hook closes the iterator). Spawned workers re-import the main module:
+  # a fresh interpreter is the honest setting.
   result = subprocess.run(
-    [sys.executable, "-c", _WORKERS_SCRIPT], capture_output=True, text=True, timeout=120
+    [sys.executable, "-c", _WORKERS_SCRIPT, "highres", "raise"],
+    capture_output=True,
+    text=True,
+    timeout=180,
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "highres ok" in result.stdout and "digits ok" in result.stdout
+  assert "highres ok" in result.stdout and "digits ok" in result.stdout, result.stderr[-3000:]
+  assert result.returncode == 1 and "RuntimeError: planted failure" in result.stderr
+  assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+  assert not _pids_gone(_worker_pids(result.stdout))
+
+
+def test_ctrl_c_in_the_parent_leaves_no_worker_behind():
+  # SIGINT to the parent only (the harder case than a terminal's Ctrl-C, which also
+  # interrupts the workers): KeyboardInterrupt unwinds it and its workers must go too.
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _WORKERS_SCRIPT.replace('("highres", "digits")', "()"), "digits", "-"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    line = proc.stdout.readline()
+    pids = _worker_pids(line)
+    time.sleep(0.5)  # Inside the endless loop of next().
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-3000:]
+  assert not _pids_gone(pids)

@@ -33,7 +33,9 @@ directly, so a config without one fails loudly instead of running on a hidden de
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import weakref
 from typing import Any
 
 import cv2
@@ -41,6 +43,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from deep_image.config_error import ConfigError
 from deep_image.data import augment, augment_device, sources
@@ -202,14 +205,82 @@ def check_crop_fits(data_cfg: ml_collections.ConfigDict, scale_field: str) -> No
     raise ConfigError(f"data.augment.crop_size={crop} exceeds data.{scale_field}={scale}")
 
 
-def _maybe_prefetch(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
+def ensure_grain_flags() -> None:
+  """Lets Grain's worker processes start outside an absl app (a notebook, another script).
+
+  Grain reads its settings from absl flags (`--grain_*`) when it starts workers; in a program
+  that never ran `absl.app.run`, reading them raises UnparsedFlagAccessError. Marking the
+  flags parsed keeps every flag at its default, as `app.run` with no arguments would; a
+  program that parses its flags (or does so later) is unaffected.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class WorkerIterator:
+  """A Grain iterator with worker processes, that ends them when it ends.
+
+  Same interface as the Grain iterator it owns (`next`, `get_state`, `set_state`, `close`),
+  plus a context manager. The workers stop on `close()`, when the iterator is garbage
+  collected, or at interpreter exit, including after an uncaught exception or a
+  KeyboardInterrupt: an atexit hook closes every open one while the interpreter is still
+  whole. (Left to Grain's own `__del__` at shutdown, the close fails half-way because
+  Grain's modules are already torn down, and leaks shared memory.)
+  """
+
+  def __init__(self, it: grain.DatasetIterator):
+    self._it = it
+    _open_iterators.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Any:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    """Stops the worker processes; idempotent. The iterator yields nothing after it."""
+    it, self._it = self._it, None
+    if it is not None:  # Also keeps a late __del__ off module globals torn down at exit.
+      _open_iterators.discard(self)
+      it.close()
+
+  def __enter__(self) -> WorkerIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    self.close()
+
+
+# Open WorkerIterators; closed at interpreter exit (`_close_open`).
+_open_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open() -> None:
+  for it in list(_open_iterators):
+    it.close()
+
+
+def _iterate(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
+  """iter(ds) in process, or a `WorkerIterator` over `mp_prefetch` worker processes."""
   workers = int(data_cfg.num_workers if num_workers is None else num_workers)
   if workers <= 0:
-    return ds
+    return iter(ds)
+  ensure_grain_flags()
   options = grain.MultiprocessingOptions(
     num_workers=workers, per_worker_buffer_size=int(data_cfg.worker_buffer_size)
   )
-  return ds.mp_prefetch(options, worker_init_fn=init_worker)
+  return WorkerIterator(iter(ds.mp_prefetch(options, worker_init_fn=init_worker)))
 
 
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -247,7 +318,8 @@ def make_train_iterator(
     source: a random-access source; `make_source(data_cfg, 'train')` when None.
 
   Returns:
-    a Grain DatasetIterator (with `get_state()` / `set_state()`) of dicts
+    a Grain DatasetIterator, or with workers a `WorkerIterator` owning one (both with
+    `get_state()` / `set_state()` / `close()`; usable from any Python program), of dicts
       'image': uint8 [b, c, c, 3] ('host') or uint8 [b, S, S, 3] ('device'),
       'label': int32 [b],
       'augment' ('device' only): {AugmentParams field: [b] or color_shift [b, 3]},
@@ -274,7 +346,7 @@ def make_train_iterator(
   example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
   ds = ds.to_iter_dataset().batch(b, drop_remainder=True)
-  return iter(_maybe_prefetch(ds, data_cfg, num_workers))
+  return _iterate(ds, data_cfg, num_workers)
 
 
 def device_augment(batch: dict, crop_size: int) -> jax.Array:
@@ -380,7 +452,7 @@ def make_eval_iterator(
   ds = grain.MapDataset.range(total)[process_index::process_count]
   ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset()
   ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)
-  return iter(_maybe_prefetch(ds, data_cfg, num_workers))
+  return _iterate(ds, data_cfg, num_workers)
 
 
 device_augment_jit = jax.jit(device_augment, static_argnums=1)
