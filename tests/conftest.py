@@ -9,9 +9,8 @@ import os
 # XLA:CPU aborts the process when a collective's rendezvous waits longer than
 # its termination timeout. Eight simulated devices per test worker, on two
 # shared cores, can be that slow under load: give them minutes, not seconds.
-PATIENT_COLLECTIVES = (
-  "--xla_cpu_collective_timeout_seconds=900 --xla_cpu_collective_call_terminate_timeout_seconds=900"
-)
+# (Importing jax here is fine: only starting its backend fixes the flags.)
+from deep_image.parallel.mesh import PATIENT_COLLECTIVES
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
@@ -38,19 +37,26 @@ def tiny_config(**overrides):
   return apply_overrides(default.get_config("tiny"), overrides)
 
 
-def train_cli(workdir, *args, xla_flags=""):
-  """`python -m experiments.train --workdir=WORKDIR` on the tiny job + `args`, completed.
+def run_cli(module, *args, xla_flags=""):
+  """`python -m MODULE args...`, completed (stdout, stderr captured as text).
 
   Runs with patient collectives and `xla_flags` appended to XLA_FLAGS (e.g. a device
-  count; without one the script simulates `parallel.num_devices`).
+  count; without one the scripts simulate the config's `parallel.num_devices`).
   """
   import subprocess
   import sys
 
   return subprocess.run(
-    [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY_JOB_FLAGS, *args],
+    [sys.executable, "-m", module, *args],
     capture_output=True,
     text=True,
     env=dict(os.environ, XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}".strip()),
     timeout=300,
+  )
+
+
+def train_cli(workdir, *args, xla_flags=""):
+  """`python -m experiments.train --workdir=WORKDIR` on the tiny job + `args` (`run_cli`)."""
+  return run_cli(
+    "experiments.train", f"--workdir={workdir}", *TINY_JOB_FLAGS, *args, xla_flags=xla_flags
   )

@@ -10,6 +10,9 @@ a few small (default 12-20 px) filled polygons drawn on it:
     up to +-15 degrees so orientations stay distinct (90 degrees apart). Several copies let a
     224 crop of a 512 scene contain one most of the time, as a crop of a photo usually
     contains (part of) its object.
+  * with `mirror_invariant=True` (for tests with flipped images) the classes are instead
+    (shape, up or down) for a triangle, an 'L' drawn mirrored ('J') half the time, a 'T'
+    and an arrow: 8 classes that a horizontal flip maps to themselves, as ImageNet's.
   * distractors: 2-4 shapes that look the same at every orientation (disc, plus sign, square
     at any angle), identical in distribution for all classes.
 
@@ -37,11 +40,20 @@ _TEE = [
   (-1.0, -1.0), (1.0, -1.0), (1.0, -0.4), (0.3, -0.4),
   (0.3, 1.0), (-0.3, 1.0), (-0.3, -0.4), (-1.0, -0.4),
 ]  # fmt: skip
+_ARROW = [
+  (0.0, -1.0), (0.9, -0.1), (0.3, -0.1), (0.3, 1.0), (-0.3, 1.0), (-0.3, -0.1), (-0.9, -0.1),
+]  # fmt: skip
 _CLASS_SHAPES = (_TRIANGLE, _ELL, _TEE)
 MAX_CLASSES = 4 * len(_CLASS_SHAPES)
 # Class c: shape c // 4, its orientation-0 top turned to face this way (clockwise steps).
 CLASS_NAMES = tuple(
   f"{shape} {way}" for shape in ("triangle", "L", "T") for way in ("up", "right", "down", "left")
+)
+# mirror_invariant: class c is shape c // 2 pointing up (c even) or down; the 'L' is drawn
+# mirrored half the time, so a flipped scene is a scene of the same class.
+_MIRROR_CLASS_SHAPES = (_TRIANGLE, _ELL, _TEE, _ARROW)
+MIRROR_CLASS_NAMES = tuple(
+  f"{shape} {way}" for shape in ("triangle", "L/J", "T", "arrow") for way in ("up", "down")
 )
 _PLUS = [
   (-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3),
@@ -114,6 +126,7 @@ def render_scene(
   object_size: tuple[int, int] = (12, 20),
   num_objects: tuple[int, int] = (2, 4),
   num_distractors: tuple[int, int] = (2, 4),
+  mirror_invariant: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Draws one scene.
 
@@ -124,14 +137,19 @@ def render_scene(
     object_size: inclusive range of object sides in px.
     num_objects: inclusive range of class-object copies.
     num_distractors: inclusive range of class-independent shapes.
+    mirror_invariant: use the 8 flip-invariant classes (module docstring).
 
   Returns:
     image uint8 [S, S, 3]; boxes float32 [K, 4] (x0, y0, x1, y1) of the K class objects.
   """
-  if not 0 <= label < MAX_CLASSES:
-    raise ValueError(f"label {label} outside [0, {MAX_CLASSES})")
+  limit = len(MIRROR_CLASS_NAMES) if mirror_invariant else MAX_CLASSES
+  if not 0 <= label < limit:
+    raise ValueError(f"label {label} outside [0, {limit})")
   canvas = _texture(rng, image_size)
-  shape, quarter_turns = _CLASS_SHAPES[label // 4], label % 4
+  if mirror_invariant:
+    shape, quarter_turns = _MIRROR_CLASS_SHAPES[label // 2], 2 * (label % 2)
+  else:
+    shape, quarter_turns = _CLASS_SHAPES[label // 4], label % 4
   taken: list[tuple[float, float, float]] = []
   boxes = []
   count = int(rng.integers(num_objects[0], num_objects[1] + 1))
@@ -139,7 +157,10 @@ def render_scene(
     side = rng.uniform(object_size[0], object_size[1])
     x, y = _place(rng, image_size, side, taken)
     angle = 90.0 * quarter_turns + rng.uniform(-_JITTER_DEG, _JITTER_DEG)
-    _draw(canvas, shape, x, y, side, angle, rng)
+    polygon = shape
+    if mirror_invariant and rng.random() < 0.5:
+      polygon = [(-px, py) for px, py in shape]
+    _draw(canvas, polygon, x, y, side, angle, rng)
     boxes.append((x - side / 2, y - side / 2, x + side / 2, y + side / 2))
   for _ in range(int(rng.integers(num_distractors[0], num_distractors[1] + 1))):
     side = rng.uniform(object_size[0], object_size[1])
@@ -168,12 +189,17 @@ class HighResSource:
     object_size: tuple[int, int] = (12, 20),
     num_objects: tuple[int, int] = (2, 4),
     num_distractors: tuple[int, int] = (2, 4),
+    mirror_invariant: bool = False,
   ):
     """Args: see `render_scene`; `split` is 'train' or 'validation' ('test'/'eval' alias it)."""
     if split not in SPLIT_CODES:
       raise ValueError(f"highres split {split!r}: expected one of {sorted(SPLIT_CODES)}")
-    if not 2 <= num_classes <= MAX_CLASSES:
-      raise ValueError(f"highres num_classes {num_classes}: expected 2..{MAX_CLASSES}")
+    limit = len(MIRROR_CLASS_NAMES) if mirror_invariant else MAX_CLASSES
+    if not 2 <= num_classes <= limit:
+      raise ValueError(
+        f"highres num_classes {num_classes}: expected 2..{limit}"
+        + (" with mirror_invariant" if mirror_invariant else "")
+      )
     if min(object_size) < 2 or max(object_size) * 4 > image_size:
       raise ValueError(f"highres object_size {object_size} does not fit image_size {image_size}")
     # Aliases collapse to one name, so equal sources have equal reprs (Grain keys on it).
@@ -183,6 +209,7 @@ class HighResSource:
     self.object_size = tuple(int(s) for s in object_size)
     self.num_objects = tuple(int(n) for n in num_objects)
     self.num_distractors = tuple(int(n) for n in num_distractors)
+    self.mirror_invariant = bool(mirror_invariant)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -190,7 +217,8 @@ class HighResSource:
   @property
   def class_names(self) -> tuple[str, ...]:
     """Names of labels 0..num_classes-1, e.g. 'triangle up', 'L right'."""
-    return CLASS_NAMES[: self.num_classes]
+    names = MIRROR_CLASS_NAMES if self.mirror_invariant else CLASS_NAMES
+    return names[: self.num_classes]
 
   def label(self, index: int) -> int:
     """The class of example `index`, without rendering it."""
@@ -203,7 +231,13 @@ class HighResSource:
     rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], int(index)])
     label = self.label(index)
     image, boxes = render_scene(
-      rng, label, self.image_size, self.object_size, self.num_objects, self.num_distractors
+      rng,
+      label,
+      self.image_size,
+      self.object_size,
+      self.num_objects,
+      self.num_distractors,
+      self.mirror_invariant,
     )
     return image, label, boxes
 
@@ -216,5 +250,6 @@ class HighResSource:
       f"HighResSource(split={self.split!r}, num_examples={self.num_examples}, "
       f"image_size={self.image_size}, num_classes={self.num_classes}, seed={self.seed}, "
       f"object_size={self.object_size}, num_objects={self.num_objects}, "
-      f"num_distractors={self.num_distractors})"
+      f"num_distractors={self.num_distractors}"
+      + (", mirror_invariant=True)" if self.mirror_invariant else ")")
     )

@@ -22,7 +22,8 @@ Config fields (`config.data`; every default lives in `default_config` below):
   verify_checksums      array_record: sha256 of every shard against the manifest on open
   image_size            digits: side the 8x8 digits are upsampled to
   highres.*             highres: image_size, num_classes, num_train_examples,
-                        num_eval_examples, object_size, num_objects, num_distractors
+                        num_eval_examples, object_size, num_objects, num_distractors,
+                        mirror_invariant
                         (see `deep_image.data.highres.render_scene`)
 """
 
@@ -60,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       "object_size": (12, 20),
       "num_objects": (2, 4),
       "num_distractors": (2, 4),
+      "mirror_invariant": False,
     }
   )
   return cfg
@@ -115,6 +117,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str):
       object_size=tuple(hr.object_size),
       num_objects=tuple(hr.num_objects),
       num_distractors=tuple(hr.num_distractors),
+      mirror_invariant=bool(hr.mirror_invariant),
     )
   raise ValueError(f"data.source={kind!r}: expected one of {SOURCES}")
 

@@ -122,13 +122,27 @@ def logical_rules(parallel_cfg, mesh: Mesh) -> tuple[tuple[str, object], ...]:
   return (("model", model_axes), ("batch", tuple(mesh.axis_names)))
 
 
+# XLA CPU flags: minutes, not XLA's 40 s, before a stuck collective aborts the process.
+PATIENT_COLLECTIVES = (
+  "--xla_cpu_collective_timeout_seconds=900 --xla_cpu_collective_call_terminate_timeout_seconds=900"
+)
+
+
 def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   """Simulate `num_devices` CPU devices in all, unless XLA_FLAGS already fixes the count.
 
   Each of `num_processes` processes gets num_devices / num_processes. Call
   before JAX initialises its backends. It only changes the CPU backend's
   device count, so a GPU or TPU machine still runs on its accelerators.
+
+  Simulated devices share the host's cores, and a CPU collective is a rendezvous
+  of all of them: on a loaded machine one can wait longer than XLA's default 40 s
+  and abort the process. Unless XLA_FLAGS sets them, the rendezvous timeouts are
+  raised to `PATIENT_COLLECTIVES`.
   """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "collective_call_terminate_timeout" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {PATIENT_COLLECTIVES}".strip()
   forced = forced_host_device_count()
   if forced is not None:
     logging.info("XLA_FLAGS sets %d host devices; parallel.num_devices is not used", forced)

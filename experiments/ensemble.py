@@ -1,0 +1,98 @@
+r"""Fuse trained models by averaging their softmax posteriors (paper section 4.2).
+
+  python -m experiments.ensemble --workdirs=/tmp/hr_low,/tmp/hr_high [--protocol=dense+flip] \
+      [--checkpoint=best] --out=/tmp/fused.json
+
+Each model is tested under --protocol (`deep_image/evaluate/protocol.py`; without '@scales'
+at its own eval scale, so a 256 and a 512 model are each tested at their scale) on the
+eval split they share; then their posteriors are averaged per image. Prints each model's
+and the fused top-1 / top-5; --out gets {"models": {workdir: {top1, top5, count, step,
+protocol}}, "fused": {top1, top5, count}}. Models must test on the same images (same
+source and split) and predict the same classes.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from experiments import cli
+from experiments.markdown import table
+
+_WORKDIRS = flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
+_PROTOCOL = flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip@256.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+_SPLIT = flags.DEFINE_string("split", "", "Split to test (default: the first run's eval split).")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON here.")
+flags.mark_flag_as_required("workdirs")
+
+
+def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint: str, split: str):
+  """Each model's and the fused result: ({workdir: result}, fused result)."""
+  from deep_image.config_error import ConfigError
+  from deep_image.data import pipeline, sources
+  from deep_image.evaluate.accuracy import Evaluator, accuracy, fuse
+  from deep_image.evaluate.protocol import parse_protocol
+  from deep_image.train.trained_model import load_trained_model
+
+  split = split or configs[0].data.eval_split
+  eval_sets = [repr(sources.make_source(c.data, split)) for c in configs]
+  for workdir, eval_set in zip(workdirs[1:], eval_sets[1:], strict=True):
+    if eval_set != eval_sets[0]:
+      raise ConfigError(
+        f"{workdirs[0]} tests on {eval_sets[0]} but {workdir} on {eval_set}: an ensemble "
+        "needs the same eval images"
+      )
+  models, scores, labels = {}, [], None
+  for workdir, config in zip(workdirs, configs, strict=True):
+    protocol = parse_protocol(protocol_text, pipeline.eval_scale(config.data))
+    trained = load_trained_model(workdir, checkpoint)
+    evaluator = Evaluator(
+      trained.model, config.data, trained.batch_sharding, config.train.eval_batch_size
+    )
+    evaluation = evaluator.run(trained.params, [protocol], split=split)
+    if labels is not None and evaluation.scores[protocol.name].shape != scores[0].shape:
+      raise ConfigError(
+        f"{workdir} predicts {evaluation.scores[protocol.name].shape[1]} classes, "
+        f"{workdirs[0]} {scores[0].shape[1]}: models of an ensemble share their classes"
+      )
+    labels = evaluation.labels
+    scores.append(evaluation.scores[protocol.name])
+    models[workdir] = {
+      **evaluation.results[protocol.name],
+      "step": trained.step,
+      "protocol": protocol.name,
+    }
+  return models, accuracy(fuse(scores), labels)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdirs = cli.split_list(_WORKDIRS.value, "workdirs")
+  configs = cli.configure_devices_for_runs(workdirs)
+  models, fused = ensemble(workdirs, configs, _PROTOCOL.value, _CHECKPOINT.value, _SPLIT.value)
+  rows = [
+    (w, r["protocol"], r["step"], f"{r['top1']:.2%}", f"{r['top5']:.2%}", f"{1 - r['top5']:.2%}")
+    for w, r in models.items()
+  ]
+  rows.append(
+    (
+      "fused",
+      _PROTOCOL.value,
+      "",
+      f"{fused['top1']:.2%}",
+      f"{fused['top5']:.2%}",
+      f"{1 - fused['top5']:.2%}",
+    )
+  )
+  print(table(("model", "protocol", "step", "top-1", "top-5", "top-5 error"), rows))
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump({"models": models, "fused": fused}, f, indent=1, sort_keys=True)
+    logging.info("wrote %s", _OUT.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
