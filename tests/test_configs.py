@@ -9,10 +9,17 @@ from absl import flags
 from ml_collections import config_flags
 
 from deep_image.data import pipeline
-from experiments.configs import base, default, scaling, table2
+from experiments.configs import base, default, highres, image_folder, scaling, table2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG_FILES = {"base": base, "default": default, "table2": table2, "scaling": scaling}
+CONFIG_FILES = {
+  "base": base,
+  "default": default,
+  "table2": table2,
+  "scaling": scaling,
+  "highres": highres,
+  "image_folder": image_folder,
+}
 
 
 def _leaves(cfg, prefix=""):
@@ -53,9 +60,28 @@ def test_every_config_and_variant_loads_with_the_base_fields(name, arg):
   assert config.train.batch_size % config.parallel.num_devices == 0
   if arg == "tiny":
     assert config.model.name == "vgg_tiny" and config.train.num_steps <= 20
-    assert config.data.source in ("digits", "highres")  # nothing to download
+    # Nothing to download: generated data, or the generated scenes exported as a folder.
+    assert config.data.source in ("digits", "highres") or name == "image_folder"
     assert 0 < config.train.eval_every < config.train.num_steps
     assert 0 < config.train.checkpoint_every < config.train.num_steps
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_FILES))
+def test_every_config_file_gives_its_run_commands(name):
+  doc = CONFIG_FILES[name].__doc__
+  assert "python -m experiments.train --config=experiments/configs/" in doc
+  if name != "base":
+    assert f"configs/{name}.py:tiny" in doc, "the tiny variant's command"
+
+
+def test_eval_scale_follows_the_training_scale_of_each_variant():
+  assert [pipeline.eval_scale(table2.get_config(v).data) for v in (None, "s512")] == [256, 512]
+  low, high = highres.get_config(), highres.get_config("high")
+  assert pipeline.eval_scale(low.data) == 48 and pipeline.eval_scale(high.data) == 96
+  assert low.data.augment.crop_size == high.data.augment.crop_size  # same model
+  noaug = highres.get_config("noaug").data.augment
+  assert not any(noaug[k].enabled for k in ("flip", "rotation", "color_cast", "vignetting"))
+  assert noaug.crop.enabled
 
 
 def test_base_docstring_documents_every_field_with_its_default():
