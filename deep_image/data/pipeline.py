@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import weakref
 from typing import Any
 
@@ -283,6 +284,25 @@ def _iterate(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
   return WorkerIterator(iter(ds.mp_prefetch(options, worker_init_fn=init_worker)))
 
 
+# Threads that run the per-record map (`to_iter_dataset`'s ReadOptions) in each process.
+# Grain's default, 16 threads and 500 records read ahead, is tuned for remote storage; for
+# decode + augment, which hold the GIL between OpenCV / libjpeg calls, 16 threads cost more
+# in contention than they overlap (BENCHMARKS.md, input profile). A worker process runs its
+# records synchronously, one core each; in process, READ_THREADS threads (the heavy calls
+# release the GIL) use up to that many cores and overlap the input with the caller's work.
+READ_THREADS = min(4, os.cpu_count() or 1)
+READ_AHEAD = 64
+
+
+def _read_options(data_cfg: Any, num_workers: int | None) -> grain.ReadOptions:
+  workers = int(data_cfg.num_workers if num_workers is None else num_workers)
+  if workers > 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(
+    num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD if READ_THREADS else 0
+  )
+
+
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
@@ -345,7 +365,7 @@ def make_train_iterator(
   ds = ds[:n][process_index::process_count].repeat()
   example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
-  ds = ds.to_iter_dataset().batch(b, drop_remainder=True)
+  ds = ds.to_iter_dataset(_read_options(data_cfg, num_workers)).batch(b, drop_remainder=True)
   return _iterate(ds, data_cfg, num_workers)
 
 
