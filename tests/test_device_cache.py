@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deep_image.data import augment, device_cache, pipeline, sources
+from deep_image.data import augment, augment_device, device_cache, pipeline, sources
 
 
 class IndexSource:
@@ -93,7 +93,7 @@ def test_device_sampling_matches_host_sampling():
   cfg.crop_size = 56
   space = augment.SamplingSpace.from_config(cfg)
   # Uniforms on a 1/1024 grid: exact in float32, so u * size rounds alike on both sides.
-  u = np.random.default_rng(0).integers(0, 1024, (64, augment._NUM_UNIFORMS)) / 1024
+  u = np.random.default_rng(0).integers(0, 1024, (64, augment.NUM_UNIFORMS)) / 1024
 
   class Uniforms:
     def __init__(self, row):
@@ -103,7 +103,7 @@ def test_device_sampling_matches_host_sampling():
       assert n == len(self.row)
       return self.row.copy()
 
-  device = device_cache.sample_params_on_device(jax.numpy.asarray(u, np.float32), space, (64, 80))
+  device = augment_device.sample_params(jax.numpy.asarray(u, np.float32), space, (64, 80))
   for i in range(len(u)):
     host = augment.sample_params(Uniforms(u[i]), space, (64, 80), 56).as_dict()
     for field, value in host.items():

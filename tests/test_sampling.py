@@ -1,7 +1,7 @@
 """Augmentation sampling honours every configured range and probability.
 
 For the host sampler (`augment.sample_params`) and the on-device one
-(`device_cache.sample_params_on_device`), with RESTRICTED configs (bounds and probabilities
+(`augment_device.sample_params`), with RESTRICTED configs (bounds and probabilities
 away from the defaults): a few thousand seeded draws stay inside the configured grids, hit
 every value of the small grids, and switch each augmentation on at its configured rate
 (binomial counts within 5 sigma; a wrong probability of 0.1 or more is > 9 sigma off).
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from deep_image.data import augment, device_cache, pipeline
+from deep_image.data import augment, augment_device, pipeline
 from experiments.configs import base
 
 N = 4000
@@ -43,8 +43,8 @@ def _host_draws(cfg, n=N, image_hw=IMAGE_HW, seed=0) -> dict[str, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _device_uniforms_to_params(key, space, image_hw, n):
-  u = jax.random.uniform(key, (n, augment._NUM_UNIFORMS), np.float32)
-  return device_cache.sample_params_on_device(u, space, image_hw)
+  u = jax.random.uniform(key, (n, augment.NUM_UNIFORMS), np.float32)
+  return augment_device.sample_params(u, space, image_hw)
 
 
 def _device_draws(cfg, n=N, image_hw=IMAGE_HW, seed=0) -> dict[str, np.ndarray]:

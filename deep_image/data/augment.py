@@ -27,7 +27,7 @@ that the geometric maps pull from outside the crop therefore come from the real 
 the crop, and reflection only where they leave the whole image. Colour casting and vignetting
 are then one multiply-add per pixel: out = round(clip(in * gain[y, x] + shift[c], 0, 255)).
 
-Sampling is deterministic from a `np.random.Generator`: one draw of `_NUM_UNIFORMS` uniforms
+Sampling is deterministic from a `np.random.Generator`: one draw of `NUM_UNIFORMS` uniforms
 per image, each augmentation reading its own fixed slots, so switching one augmentation on or
 off in a config does not change the draws of the others.
 
@@ -85,13 +85,15 @@ TABLE1_CROP_SIZE = 224
 LENS_NONE = 0
 LENS_BARREL, LENS_PINCUSHION, LENS_STRETCH_H, LENS_STRETCH_V = 1, 2, 3, 4
 
-# Slots of the per-image uniform vector (see module docstring).
+# Slots of the per-image uniform vector (see module docstring); `params_from_uniforms` is
+# the one reader of them, for the host and the device.
 _U_CROP_Y, _U_CROP_X, _U_FLIP = 0, 1, 2
 _U_ROT_ON, _U_ROT = 3, 4
 _U_LENS_ON, _U_LENS_KIND, _U_LENS_DEG = 5, 6, 7
 _U_VIG_ON, _U_VIG_RADIUS, _U_VIG_STRENGTH = 8, 9, 10
 _U_CAST_ON, _U_CAST_PICK, _U_CAST_SHIFT = 11, 12, 15  # PICK and SHIFT take 3 slots each.
-_NUM_UNIFORMS = 18
+NUM_UNIFORMS = 18
+"""Uniforms one image's augmentation is drawn from (`params_from_uniforms`)."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -302,11 +304,6 @@ _PROBABILITY_FIELDS = (
 )
 
 
-def _pick(u: float, values: Sequence):
-  # Uniform choice from a discrete grid with one uniform variate; min() guards u -> 1.
-  return values[min(int(u * len(values)), len(values) - 1)]
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingSpace:
   """A config's sampling choices as plain tuples and floats.
@@ -366,6 +363,98 @@ class SamplingSpace:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _numpy_table(values: tuple, dtype) -> np.ndarray:
+  # A grid as a read-only numpy array, built once per (grid, dtype) instead of per image.
+  table = np.asarray(values, dtype)
+  table.flags.writeable = False
+  return table
+
+
+def params_from_uniforms(
+  u,
+  space: SamplingSpace,
+  image_hw: tuple[int, int],
+  crop_size: int | None = None,
+  xp=np,
+) -> AugmentParams:
+  """A batch of augmentations from its uniforms: the one sampler of host and device.
+
+  Each augmentation reads its own slots of an image's `NUM_UNIFORMS` uniforms and picks
+  from its discrete grid with values[min(int(u * len), len - 1)], so the same uniforms give
+  the same parameters on the host (numpy, `sample_params`) and on the device (jax.numpy,
+  `augment_device.sample_params`, `device_cache`), up to float32 rounding of u * len there.
+
+  Args:
+    u: float [B, NUM_UNIFORMS] in [0, 1), numpy or jax.
+    space: the config's SamplingSpace (static).
+    image_hw: (H, W) of the source images (static).
+    crop_size: side of the square crop; `space.crop_size` when None.
+    xp: array module of `u` (numpy or jax.numpy).
+
+  Returns:
+    batched AugmentParams of xp arrays ([B]; color_shift [B, 3]).
+  """
+  c = space.crop_size if crop_size is None else int(crop_size)
+  h, w = image_hw
+  ny, nx = crop_offsets(h, c), crop_offsets(w, c)
+  zeros_i, zeros_f = xp.zeros(u.shape[0], xp.int32), xp.zeros(u.shape[0], xp.float32)
+
+  def pick(slot, values, dtype):
+    table = _numpy_table(values, dtype) if xp is np else xp.asarray(values, dtype)
+    return table[xp.minimum((u[:, slot] * len(values)).astype(xp.int32), len(values) - 1)]
+
+  def gated(on_slot, probability, value, off):
+    # An empty space has probability 0 (SamplingSpace), so `value` is never built for it.
+    if probability <= 0.0:
+      return off
+    return xp.where(u[:, on_slot] < probability, value(), off)
+
+  if space.random_crop:
+    crop_y = (u[:, _U_CROP_Y] * ny).astype(xp.int32)
+    crop_x = (u[:, _U_CROP_X] * nx).astype(xp.int32)
+  else:
+    crop_y, crop_x = zeros_i + (h - c) // 2, zeros_i + (w - c) // 2
+  p_rot, p_lens, p_vig = (
+    space.rotation_probability,
+    space.lens_probability,
+    space.vignette_probability,
+  )
+  shifts = [
+    gated(
+      _U_CAST_ON,
+      space.cast_probability,
+      lambda ch=ch: xp.where(
+        u[:, _U_CAST_PICK + ch] < space.cast_channel_probability,
+        pick(_U_CAST_SHIFT + ch, space.cast_shifts, xp.int32),
+        0,
+      ),
+      zeros_i,
+    )
+    for ch in range(3)
+  ]
+  return AugmentParams(
+    crop_y=crop_y,
+    crop_x=crop_x,
+    flip=u[:, _U_FLIP] < space.flip_probability,
+    rotation=gated(_U_ROT_ON, p_rot, lambda: pick(_U_ROT, space.rotations, xp.float32), zeros_f),
+    lens_kind=gated(
+      _U_LENS_ON, p_lens, lambda: pick(_U_LENS_KIND, space.lens_kinds, xp.int32), zeros_i
+    ),
+    lens_degree=gated(
+      _U_LENS_ON, p_lens, lambda: pick(_U_LENS_DEG, space.lens_degrees, xp.int32), zeros_i
+    ),
+    vignette_radius=gated(
+      _U_VIG_ON, p_vig, lambda: pick(_U_VIG_RADIUS, space.vignette_radii, xp.float32), zeros_f
+    ),
+    vignette_strength=gated(
+      _U_VIG_ON, p_vig, lambda: pick(_U_VIG_STRENGTH, space.vignette_strengths, xp.float32), zeros_f
+    ),
+    color_shift=xp.stack(shifts, axis=-1).astype(xp.int32),
+    crop_size=c,
+  )
+
+
 def sample_params(
   rng: np.random.Generator,
   cfg: ml_collections.ConfigDict | SamplingSpace,
@@ -373,6 +462,8 @@ def sample_params(
   crop_size: int | None = None,
 ) -> AugmentParams:
   """Draws one image's augmentation from the config's discrete spaces.
+
+  `NUM_UNIFORMS` uniforms from `rng`, turned into parameters by `params_from_uniforms`.
 
   Args:
     rng: the only source of randomness; the same generator state gives the same params.
@@ -384,48 +475,9 @@ def sample_params(
     AugmentParams of numpy scalars (color_shift int32 [3]).
   """
   space = cfg if isinstance(cfg, SamplingSpace) else SamplingSpace.from_config(cfg)
-  c = space.crop_size if crop_size is None else int(crop_size)
-  h, w = image_hw
-  ny, nx = crop_offsets(h, c), crop_offsets(w, c)
-  u = rng.random(_NUM_UNIFORMS).tolist()
-
-  if space.random_crop:
-    crop_y, crop_x = int(u[_U_CROP_Y] * ny), int(u[_U_CROP_X] * nx)
-  else:
-    crop_y, crop_x = (h - c) // 2, (w - c) // 2
-  flip = u[_U_FLIP] < space.flip_probability
-
-  rotation = 0
-  if u[_U_ROT_ON] < space.rotation_probability:
-    rotation = _pick(u[_U_ROT], space.rotations)
-
-  lens_kind, lens_degree = LENS_NONE, 0
-  if u[_U_LENS_ON] < space.lens_probability:
-    lens_kind = _pick(u[_U_LENS_KIND], space.lens_kinds)
-    lens_degree = _pick(u[_U_LENS_DEG], space.lens_degrees)
-
-  radius, strength = 0.0, 0.0
-  if u[_U_VIG_ON] < space.vignette_probability:
-    radius = _pick(u[_U_VIG_RADIUS], space.vignette_radii)
-    strength = _pick(u[_U_VIG_STRENGTH], space.vignette_strengths)
-
-  shift = [0, 0, 0]
-  if u[_U_CAST_ON] < space.cast_probability:
-    for ch in range(3):
-      if u[_U_CAST_PICK + ch] < space.cast_channel_probability:
-        shift[ch] = _pick(u[_U_CAST_SHIFT + ch], space.cast_shifts)
-
+  batch = params_from_uniforms(rng.random(NUM_UNIFORMS)[None], space, image_hw, crop_size)
   return AugmentParams(
-    crop_y=np.int32(crop_y),
-    crop_x=np.int32(crop_x),
-    flip=np.bool_(flip),
-    rotation=np.float32(rotation),
-    lens_kind=np.int32(lens_kind),
-    lens_degree=np.int32(lens_degree),
-    vignette_radius=np.float32(radius),
-    vignette_strength=np.float32(strength),
-    color_shift=np.array(shift, np.int32),
-    crop_size=c,
+    **{f: getattr(batch, f)[0] for f in AugmentParams.ARRAY_FIELDS}, crop_size=batch.crop_size
   )
 
 

@@ -1,4 +1,13 @@
-"""The paper's augmentations batched in JAX, to run inside a jitted train step on device.
+"""The paper's augmentations batched in JAX: the one home of the device path.
+
+Public names, used by the pipeline (`augment_on='device'`), the device cache and the
+training loop's in-step preprocess hook:
+  sample_params(u, space, image_hw)   uniforms [B, augment.NUM_UNIFORMS] -> batched params,
+                                      `augment.params_from_uniforms` on jax.numpy (the host
+                                      sampler's code, so host and device draw alike);
+  apply_batch(images, params)         crop + augment a batch [B, H, W, 3] -> [B, c, c, 3];
+  augment_batch(batch, crop_size)     the same for an `augment_on='device'` batch dict;
+  apply_batch_jit, augment_batch_jit  jitted for callers outside a jitted step.
 
 Same parameters (`augment.AugmentParams`, stacked to a leading [B]) and the same maps as the
 host path in `augment.py`; only the resampler differs. cv2.remap quantises source
@@ -117,4 +126,33 @@ def apply_batch(images: jax.Array, params: augment.AugmentParams) -> jax.Array:
   return jnp.round(jnp.clip(out, 0.0, 255.0)).astype(jnp.uint8)
 
 
+def sample_params(
+  u: jax.Array, space: augment.SamplingSpace, image_hw: tuple[int, int]
+) -> augment.AugmentParams:
+  """`augment.params_from_uniforms` on device: u float32 [B, augment.NUM_UNIFORMS] in [0, 1)
+  -> batched AugmentParams of jax arrays ([B]; color_shift [B, 3]); space, image_hw static."""
+  return augment.params_from_uniforms(u, space, image_hw, xp=jnp)
+
+
+def augment_batch(batch: dict, crop_size: int) -> jax.Array:
+  """Crops and augments an `augment_on='device'` batch on its devices.
+
+  Per example (`apply_batch`): each output row reads only its own input row, so with the
+  batch sharded over the data axis every device augments its own rows and XLA inserts no
+  communication. Jit with `crop_size` static (`augment_batch_jit`), or call inside the
+  jitted train step.
+
+  Args:
+    batch: {'image': uint8 [B, S, S, 3], 'augment': {field: [B] / color_shift [B, 3]}, ...},
+      numpy or jax arrays (global arrays sharded on the batch axis).
+    crop_size: c, `data.augment.crop_size`.
+
+  Returns:
+    uint8 [B, c, c, 3], sharded like batch['image'].
+  """
+  params = augment.AugmentParams(**batch["augment"], crop_size=int(crop_size))
+  return apply_batch(batch["image"], params)
+
+
 apply_batch_jit = jax.jit(apply_batch)
+augment_batch_jit = jax.jit(augment_batch, static_argnums=1)

@@ -9,8 +9,9 @@ training batch is made on the devices:
   shard k of the batch axes holds rows [k n, (k + 1) n) of a seeded permutation of the
   source (n = N / shards); step t of epoch e takes b = B / shards rows of a per-(seed, e, k)
   permutation of its own rows (a local gather), samples each example's augmentation on the
-  device from the same discrete spaces as `augment.sample_params` (`sample_params_on_device`),
-  and crops + augments with `augment_device.apply_batch`.
+  device with the host's sampler (`augment_device.sample_params`: the code of
+  `augment.params_from_uniforms` on jax.numpy), and crops + augments with
+  `augment_device.apply_batch`.
 
 So after the one loading pass no host work and no device-to-device traffic remains: the
 step runs under `shard_map`, each device reading only its own rows. Sampling from one's own
@@ -46,10 +47,6 @@ from jax.sharding import PartitionSpec as P
 
 from deep_image.data import augment, augment_device, pipeline
 from deep_image.data.sources import decode_image
-
-# Slots of the per-image uniform vector: `augment.sample_params` reads the same ones, so a
-# given uniform vector means the same augmentation on host and device (tested).
-_U = augment
 
 
 def batch_axes(sharding: NamedSharding) -> tuple[str, ...]:
@@ -127,101 +124,6 @@ def plan_cache(num_examples: int, data_cfg: Any, sharding: NamedSharding) -> dic
     "allowed_bytes_per_device": allowed,
     "memory_source": source,
   }
-
-
-def _pick(u: jax.Array, values: tuple) -> jax.Array:
-  """`augment._pick` batched: values[min(int(u * len), len - 1)]; [B] -> [B]."""
-  table = jnp.asarray(values)
-  return table[jnp.minimum((u * len(values)).astype(jnp.int32), len(values) - 1)]
-
-
-def sample_params_on_device(
-  u: jax.Array, space: augment.SamplingSpace, image_hw: tuple[int, int]
-) -> augment.AugmentParams:
-  """`augment.sample_params` for a batch, from its uniforms, on device.
-
-  Args:
-    u: float32 [B, augment._NUM_UNIFORMS] in [0, 1): the uniforms `sample_params` would draw
-      (the same vector gives the same params, up to float32 rounding of u * size).
-    space: the config's SamplingSpace (static).
-    image_hw: (H, W) of the source images (static).
-
-  Returns:
-    batched AugmentParams of jax arrays ([B]; color_shift [B, 3]).
-  """
-  batch = u.shape[0]
-  c = space.crop_size
-  h, w = image_hw
-  ny, nx = augment.crop_offsets(h, c), augment.crop_offsets(w, c)
-  zeros_i, zeros_f = jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.float32)
-  if space.random_crop:
-    crop_y = (u[:, _U._U_CROP_Y] * ny).astype(jnp.int32)
-    crop_x = (u[:, _U._U_CROP_X] * nx).astype(jnp.int32)
-  else:
-    crop_y, crop_x = zeros_i + (h - c) // 2, zeros_i + (w - c) // 2
-  flip = u[:, _U._U_FLIP] < space.flip_probability
-
-  def gated(on_slot, probability, value, off):
-    # An empty space has probability 0 (SamplingSpace), so `value` is never built for it.
-    if probability <= 0.0:
-      return off
-    return jnp.where(u[:, on_slot] < probability, value(), off)
-
-  rotation = gated(
-    _U._U_ROT_ON,
-    space.rotation_probability,
-    lambda: _pick(u[:, _U._U_ROT], space.rotations).astype(jnp.float32),
-    zeros_f,
-  )
-  lens_kind = gated(
-    _U._U_LENS_ON,
-    space.lens_probability,
-    lambda: _pick(u[:, _U._U_LENS_KIND], space.lens_kinds).astype(jnp.int32),
-    zeros_i,
-  )
-  lens_degree = gated(
-    _U._U_LENS_ON,
-    space.lens_probability,
-    lambda: _pick(u[:, _U._U_LENS_DEG], space.lens_degrees).astype(jnp.int32),
-    zeros_i,
-  )
-  radius = gated(
-    _U._U_VIG_ON,
-    space.vignette_probability,
-    lambda: _pick(u[:, _U._U_VIG_RADIUS], space.vignette_radii).astype(jnp.float32),
-    zeros_f,
-  )
-  strength = gated(
-    _U._U_VIG_ON,
-    space.vignette_probability,
-    lambda: _pick(u[:, _U._U_VIG_STRENGTH], space.vignette_strengths).astype(jnp.float32),
-    zeros_f,
-  )
-  channels = []
-  for ch in range(3):
-    on_channel = u[:, _U._U_CAST_PICK + ch] < space.cast_channel_probability
-    channels.append(
-      gated(
-        _U._U_CAST_ON,
-        space.cast_probability,
-        lambda ch=ch, on=on_channel: jnp.where(
-          on, _pick(u[:, _U._U_CAST_SHIFT + ch], space.cast_shifts), 0
-        ).astype(jnp.int32),
-        zeros_i,
-      )
-    )
-  return augment.AugmentParams(
-    crop_y=crop_y,
-    crop_x=crop_x,
-    flip=flip,
-    rotation=rotation,
-    lens_kind=lens_kind,
-    lens_degree=lens_degree,
-    vignette_radius=radius,
-    vignette_strength=strength,
-    color_shift=jnp.stack(channels, axis=-1),
-    crop_size=c,
-  )
 
 
 def _square(record: dict, scale: int) -> np.ndarray:
@@ -353,7 +255,7 @@ def _make_batch_fn(sharding, space, scale, local_batch, steps_per_epoch):
   """
   axes = batch_axes(sharding)
   spec = P(axes if len(axes) != 1 else axes[0])
-  num_uniforms = augment._NUM_UNIFORMS
+  num_uniforms = augment.NUM_UNIFORMS
 
   def local(images, labels, step, seed):
     # images uint8 [n, S, S, 3] and labels int32 [n]: this shard's rows.
@@ -365,7 +267,7 @@ def _make_batch_fn(sharding, space, scale, local_batch, steps_per_epoch):
     u = jax.random.uniform(
       jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step), (local_batch, num_uniforms)
     )
-    params = sample_params_on_device(u, space, (scale, scale))
+    params = augment_device.sample_params(u, space, (scale, scale))
     return augment_device.apply_batch(images[rows], params), labels[rows]
 
   mapped = jax.shard_map(

@@ -2,7 +2,7 @@
 
 Train (`make_train_iterator`), per process:
 
-  MapDataset.source(src).shuffle(seed)     one permutation per epoch (repeat reseeds it)
+  MapDataset.source(src), _EpochShuffle    one permutation per epoch (repeat reseeds it)
     [: N - N % P][process_index::P]        equal, disjoint shards of every epoch
     .repeat()                              endless
     .random_map(record -> example, seed)   decode, resize shorter side to S, then either
@@ -17,8 +17,9 @@ the same seed gives the same batches and augmentations, with or without workers,
 the same worker count).
 
 With `augment_on='device'` the workers do only the decoding and resizing; the crop and
-augmentations run batched inside the jitted step (`device_augment`), from the same sampled
-parameters, so the two modes give the same pixels (to one gray level, tested).
+augmentations run batched inside the jitted step (`augment_device.augment_batch`, also
+exported here as `device_augment`), from the same sampled parameters, so the two modes give
+the same pixels (to one gray level, tested).
 
 Eval (`make_eval_iterator`): one pass in source order, the last batch padded with repeats
 of real records and a 'mask' marking the real ones.
@@ -41,7 +42,6 @@ from typing import Any
 
 import cv2
 import grain
-import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     num_workers: Grain worker processes (`mp_prefetch`); 0 runs the pipeline in-process.
     worker_buffer_size: batches each worker prepares ahead.
     augment_on: 'host' (workers crop and augment) or 'device' (workers only decode and
-      resize; `device_augment` crops and augments inside the jitted step).
+      resize; `augment_device.augment_batch` crops and augments inside the jitted step).
     augment: `augment.default_config()`; `augment.crop_size` is the training crop c and the
       evaluation centre crop.
     cache_on_device: keep the decoded S x S dataset in device memory when it fits
@@ -312,6 +312,43 @@ def _host_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+class _EpochShuffle(grain.MapDataset):
+  """`MapDataset.shuffle` with a numpy permutation per epoch instead of Grain's index_shuffle.
+
+  Grain's shuffle computes each index with `index_shuffle`, which cost ~400 us per record
+  here, half the decode (BENCHMARKS.md, input profile). One `permutation(n)` per epoch costs
+  ~20 ms per million records. Index i of epoch e (i + e n from `repeat`) reads record
+  perm_e[i] of the parent, perm_e from np.random.default_rng([seed, e]); a pure function of
+  (seed, index), so workers, threads and resumed iterators agree.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, seed: int):
+    super().__init__(parent)
+    self._seed = int(seed)
+    self._perms: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed})"
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+      # Threads near an epoch boundary ask for two epochs: keep the latest two.
+      self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1} | {epoch: perm}
+    return perm
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    n = len(self._parent)
+    epoch, position = divmod(int(index), n)
+    return self._parent[int(self._permutation(epoch)[position]) + epoch * n]
+
+
 def _op_seed(seed: int, op: int) -> int:
   # Independent, explicit per-op seeds: Grain's derived seeds depend on the pipeline's shape.
   return int(np.random.SeedSequence([int(seed), op]).generate_state(1)[0])
@@ -361,7 +398,7 @@ def make_train_iterator(
       f"{len(src)} training examples give {n // process_count} per process, fewer than one "
       f"host batch of {b} (train.batch_size={global_batch_size})"
     )
-  ds = grain.MapDataset.source(src).shuffle(seed=_op_seed(seed, 0))
+  ds = _EpochShuffle(grain.MapDataset.source(src), seed=_op_seed(seed, 0))
   ds = ds[:n][process_index::process_count].repeat()
   example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
@@ -369,24 +406,10 @@ def make_train_iterator(
   return _iterate(ds, data_cfg, num_workers)
 
 
-def device_augment(batch: dict, crop_size: int) -> jax.Array:
-  """Crops and augments an `augment_on='device'` batch on its devices.
-
-  Per example (`augment_device.apply_batch`): each output row reads only its own input row,
-  so with the batch sharded over the data axis every device augments its own rows and XLA
-  inserts no communication. Jit with `crop_size` static, e.g.
-  `jax.jit(device_augment, static_argnums=1)`, or call inside the jitted train step.
-
-  Args:
-    batch: {'image': uint8 [B, S, S, 3], 'augment': {field: [B] / color_shift [B, 3]}, ...},
-      numpy or jax arrays (global arrays sharded on the batch axis).
-    crop_size: c, `data.augment.crop_size`.
-
-  Returns:
-    uint8 [B, c, c, 3], sharded like batch['image'].
-  """
-  params = augment.AugmentParams(**batch["augment"], crop_size=int(crop_size))
-  return augment_device.apply_batch(batch["image"], params)
+# The device half of augment_on='device' lives in `augment_device`; these names stay for
+# callers of the pipeline (the training loop's preprocess hook).
+device_augment = augment_device.augment_batch
+device_augment_jit = augment_device.augment_batch_jit
 
 
 class _EvalExample:
@@ -470,10 +493,8 @@ def make_eval_iterator(
     raise ConfigError(f"data.augment.crop_size={crop} exceeds the evaluation scale {scale}")
   total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset()
+  ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset(
+    _read_options(data_cfg, num_workers)
+  )
   ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)
   return _iterate(ds, data_cfg, num_workers)
-
-
-device_augment_jit = jax.jit(device_augment, static_argnums=1)
-"""`device_augment` under jit (crop_size static), for callers outside a jitted step."""
