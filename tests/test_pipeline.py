@@ -323,3 +323,33 @@ def test_ctrl_c_in_the_parent_leaves_no_worker_behind():
     proc.kill()
   assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-3000:]
   assert not _pids_gone(pids)
+
+
+def test_jpeg_decode_matches_pillow_and_falls_back_to_it():
+  # decode_image reads JPEGs with simplejpeg (libjpeg-turbo, like Pillow) for speed; the
+  # pixels and DCT-scaled sizes must be Pillow's, and what simplejpeg rejects goes to Pillow.
+  import io
+
+  import skimage.data
+  from PIL import Image
+
+  from deep_image.data.sources import decode_image
+
+  photo = skimage.data.chelsea()  # uint8 [300, 451, 3]
+  buffer = io.BytesIO()
+  Image.fromarray(photo).save(buffer, format="JPEG", quality=90)
+  jpeg = buffer.getvalue()
+  with Image.open(io.BytesIO(jpeg)) as img:
+    full = np.asarray(img.convert("RGB"))
+  with Image.open(io.BytesIO(jpeg)) as img:
+    img.draft("RGB", (200, 150))
+    half = np.asarray(img.convert("RGB"))
+  np.testing.assert_array_equal(decode_image(jpeg), full)
+  np.testing.assert_array_equal(decode_image(jpeg, min_side=150), half)  # 1/2: 150 x 226.
+  # M/8 scales too: the smallest keeping the shorter side >= 100 is 3/8 (113 x 170).
+  assert decode_image(jpeg, min_side=100).shape == (113, 170, 3)
+  cmyk = io.BytesIO()
+  Image.fromarray(photo).convert("CMYK").save(cmyk, format="JPEG")
+  with Image.open(io.BytesIO(cmyk.getvalue())) as img:
+    expected = np.asarray(img.convert("RGB"))
+  np.testing.assert_array_equal(decode_image(cmyk.getvalue()), expected)
