@@ -364,11 +364,42 @@ class SamplingSpace:
 
 
 @functools.lru_cache(maxsize=64)
-def _numpy_table(values: tuple, dtype) -> np.ndarray:
-  # A grid as a read-only numpy array, built once per (grid, dtype) instead of per image.
-  table = np.asarray(values, dtype)
-  table.flags.writeable = False
-  return table
+def _sampling_tables(space: SamplingSpace, image_hw: tuple[int, int], crop_size: int) -> dict:
+  """Per-slot grid sizes and probabilities, and the grids, of one (space, image, crop).
+
+  Built once, so sampling is a few whole-array operations on [B, NUM_UNIFORMS].
+  """
+  h, w = image_hw
+  sizes = np.ones(NUM_UNIFORMS)
+  if space.random_crop:
+    sizes[_U_CROP_Y] = crop_offsets(h, crop_size)
+    sizes[_U_CROP_X] = crop_offsets(w, crop_size)
+  grids = {
+    _U_ROT: (space.rotations, np.float32),
+    _U_LENS_KIND: (space.lens_kinds, np.int32),
+    _U_LENS_DEG: (space.lens_degrees, np.int32),
+    _U_VIG_RADIUS: (space.vignette_radii, np.float32),
+    _U_VIG_STRENGTH: (space.vignette_strengths, np.float32),
+    _U_CAST_SHIFT: (space.cast_shifts, np.int32),
+  }
+  tables = {}
+  for slot, (grid, dtype) in grids.items():
+    # An empty grid has probability 0 (SamplingSpace): a 0 entry keeps indexing valid.
+    tables[slot] = np.asarray(grid or (0,), dtype)
+  for ch in range(3):
+    sizes[_U_CAST_SHIFT + ch] = len(tables[_U_CAST_SHIFT])
+  for slot in grids:
+    sizes[slot] = len(tables[slot])
+  # u < threshold switches a slot's augmentation on (0: never, as u >= 0).
+  thresholds = np.zeros(NUM_UNIFORMS)
+  thresholds[_U_FLIP] = space.flip_probability
+  thresholds[_U_ROT_ON] = space.rotation_probability
+  thresholds[_U_LENS_ON] = space.lens_probability
+  thresholds[_U_VIG_ON] = space.vignette_probability
+  thresholds[_U_CAST_ON] = space.cast_probability
+  thresholds[_U_CAST_PICK : _U_CAST_PICK + 3] = space.cast_channel_probability
+  centre = ((h - crop_size) // 2, (w - crop_size) // 2)
+  return {"sizes": sizes, "thresholds": thresholds, "tables": tables, "centre": centre}
 
 
 def params_from_uniforms(
@@ -380,10 +411,11 @@ def params_from_uniforms(
 ) -> AugmentParams:
   """A batch of augmentations from its uniforms: the one sampler of host and device.
 
-  Each augmentation reads its own slots of an image's `NUM_UNIFORMS` uniforms and picks
-  from its discrete grid with values[min(int(u * len), len - 1)], so the same uniforms give
-  the same parameters on the host (numpy, `sample_params`) and on the device (jax.numpy,
-  `augment_device.sample_params`, `device_cache`), up to float32 rounding of u * len there.
+  Each augmentation reads its own slots of an image's `NUM_UNIFORMS` uniforms: u < p
+  switches it on, and values[min(int(u * len), len - 1)] picks from its discrete grid, so
+  the same uniforms give the same parameters on the host (numpy, `sample_params`) and on
+  the device (jax.numpy, `augment_device.sample_params`), up to float32 rounding of u * len
+  there.
 
   Args:
     u: float [B, NUM_UNIFORMS] in [0, 1), numpy or jax.
@@ -396,61 +428,33 @@ def params_from_uniforms(
     batched AugmentParams of xp arrays ([B]; color_shift [B, 3]).
   """
   c = space.crop_size if crop_size is None else int(crop_size)
-  h, w = image_hw
-  ny, nx = crop_offsets(h, c), crop_offsets(w, c)
-  zeros_i, zeros_f = xp.zeros(u.shape[0], xp.int32), xp.zeros(u.shape[0], xp.float32)
+  t = _sampling_tables(space, tuple(image_hw), c)
+  sizes = t["sizes"].astype(u.dtype)
+  index = xp.minimum((u * sizes).astype(xp.int32), (t["sizes"] - 1).astype(np.int32))
+  on = u < t["thresholds"].astype(u.dtype)
+  tables = {slot: xp.asarray(table) for slot, table in t["tables"].items()}
 
-  def pick(slot, values, dtype):
-    table = _numpy_table(values, dtype) if xp is np else xp.asarray(values, dtype)
-    return table[xp.minimum((u[:, slot] * len(values)).astype(xp.int32), len(values) - 1)]
-
-  def gated(on_slot, probability, value, off):
-    # An empty space has probability 0 (SamplingSpace), so `value` is never built for it.
-    if probability <= 0.0:
-      return off
-    return xp.where(u[:, on_slot] < probability, value(), off)
+  def gated(on_slot, slot):
+    table = tables[slot]
+    return xp.where(on[:, on_slot], table[index[:, slot]], xp.zeros((), table.dtype))
 
   if space.random_crop:
-    crop_y = (u[:, _U_CROP_Y] * ny).astype(xp.int32)
-    crop_x = (u[:, _U_CROP_X] * nx).astype(xp.int32)
+    crop_y, crop_x = index[:, _U_CROP_Y], index[:, _U_CROP_X]
   else:
-    crop_y, crop_x = zeros_i + (h - c) // 2, zeros_i + (w - c) // 2
-  p_rot, p_lens, p_vig = (
-    space.rotation_probability,
-    space.lens_probability,
-    space.vignette_probability,
-  )
-  shifts = [
-    gated(
-      _U_CAST_ON,
-      space.cast_probability,
-      lambda ch=ch: xp.where(
-        u[:, _U_CAST_PICK + ch] < space.cast_channel_probability,
-        pick(_U_CAST_SHIFT + ch, space.cast_shifts, xp.int32),
-        0,
-      ),
-      zeros_i,
-    )
-    for ch in range(3)
-  ]
+    crop_y = xp.full(u.shape[0], t["centre"][0], xp.int32)
+    crop_x = xp.full(u.shape[0], t["centre"][1], xp.int32)
+  cast_on = on[:, _U_CAST_ON : _U_CAST_ON + 1] & on[:, _U_CAST_PICK : _U_CAST_PICK + 3]
+  shift = tables[_U_CAST_SHIFT][index[:, _U_CAST_SHIFT : _U_CAST_SHIFT + 3]]
   return AugmentParams(
     crop_y=crop_y,
     crop_x=crop_x,
-    flip=u[:, _U_FLIP] < space.flip_probability,
-    rotation=gated(_U_ROT_ON, p_rot, lambda: pick(_U_ROT, space.rotations, xp.float32), zeros_f),
-    lens_kind=gated(
-      _U_LENS_ON, p_lens, lambda: pick(_U_LENS_KIND, space.lens_kinds, xp.int32), zeros_i
-    ),
-    lens_degree=gated(
-      _U_LENS_ON, p_lens, lambda: pick(_U_LENS_DEG, space.lens_degrees, xp.int32), zeros_i
-    ),
-    vignette_radius=gated(
-      _U_VIG_ON, p_vig, lambda: pick(_U_VIG_RADIUS, space.vignette_radii, xp.float32), zeros_f
-    ),
-    vignette_strength=gated(
-      _U_VIG_ON, p_vig, lambda: pick(_U_VIG_STRENGTH, space.vignette_strengths, xp.float32), zeros_f
-    ),
-    color_shift=xp.stack(shifts, axis=-1).astype(xp.int32),
+    flip=on[:, _U_FLIP],
+    rotation=gated(_U_ROT_ON, _U_ROT),
+    lens_kind=gated(_U_LENS_ON, _U_LENS_KIND),
+    lens_degree=gated(_U_LENS_ON, _U_LENS_DEG),
+    vignette_radius=gated(_U_VIG_ON, _U_VIG_RADIUS),
+    vignette_strength=gated(_U_VIG_ON, _U_VIG_STRENGTH),
+    color_shift=xp.where(cast_on, shift, xp.zeros((), xp.int32)),
     crop_size=c,
   )
 
