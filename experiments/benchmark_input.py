@@ -216,48 +216,50 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class PipelineRow:
-  """One `make_train_iterator` configuration, kept open so rows can be timed in rounds."""
+  """One `make_train_iterator` configuration; each `time` call builds a fresh iterator.
+
+  An iterator left open while other rows run keeps its workers alive and its buffers full,
+  which skewed the next timing of it (2 workers read as slower than 1); built, warmed,
+  timed and closed per round, every row sees only its own processes.
+  """
 
   def __init__(
     self, paths: list[str], workers: int, augment_on: str, read_threads: int | None = None
   ):
-    default_threads = pipeline.READ_THREADS
-    if read_threads is not None:  # Read when the iterator is built.
-      pipeline.READ_THREADS = read_threads
-    cfg = pipeline.default_config()
-    cfg.train_scale, cfg.num_workers, cfg.augment_on = FLAGS.scale, workers, augment_on
-    cfg.augment.crop_size = FLAGS.crop
-    before = {p.pid for p in multiprocessing.active_children()}
-    self.it = pipeline.make_train_iterator(
-      cfg, global_batch_size=FLAGS.batch_size, seed=0, source=JpegSource(paths)
-    )
-    pipeline.READ_THREADS = default_threads
-    next(self.it)  # Starts the workers.
-    self.children = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
-    self.workers = workers
+    self.paths, self.workers, self.augment_on = paths, workers, augment_on
+    self.read_threads = read_threads
     self.rates, self.main_us, self.worker_us = [], [], []
 
   def time(self, count: int) -> float:
-    """Images/s over `count` images, after draining what was prepared while others ran."""
-    # Drain what was prepared while other rows ran: Grain holds up to ~6 batches per
-    # worker (2 in data.worker_buffer_size, the rest in its transfer queues; measured
-    # after an idle pause) and READ_AHEAD records in process.
+    """Images/s over `count` images in steady state; records CPU per image."""
+    default_threads = pipeline.READ_THREADS
+    if self.read_threads is not None:  # Read when the iterator is built.
+      pipeline.READ_THREADS = self.read_threads
+    cfg = pipeline.default_config()
+    cfg.train_scale, cfg.num_workers, cfg.augment_on = FLAGS.scale, self.workers, self.augment_on
+    cfg.augment.crop_size = FLAGS.crop
+    before = {p.pid for p in multiprocessing.active_children()}
+    it = pipeline.make_train_iterator(
+      cfg, global_batch_size=FLAGS.batch_size, seed=0, source=JpegSource(self.paths)
+    )
+    pipeline.READ_THREADS = default_threads
+    # Worker start-up and the batches Grain buffers meanwhile (up to ~6 per worker: 2 in
+    # data.worker_buffer_size, the rest in its transfer queues) are not throughput.
     for _ in range(8 * max(self.workers, 1) + 2):
-      next(self.it)
+      next(it)
+    children = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
     batches = max(count // FLAGS.batch_size, 1)
-    w0 = sum(map(_cpu_seconds, self.children))
+    w0 = sum(map(_cpu_seconds, children))
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(batches):
-      next(self.it)
+      next(it)
     elapsed, images = time.perf_counter() - t0, batches * FLAGS.batch_size
     self.main_us.append(1e6 * (time.process_time() - c0) / images)
-    self.worker_us.append(1e6 * (sum(map(_cpu_seconds, self.children)) - w0) / images)
+    self.worker_us.append(1e6 * (sum(map(_cpu_seconds, children)) - w0) / images)
     self.rates.append(images / elapsed)
-    return self.rates[-1]
-
-  def close(self):
     if self.workers:
-      self.it.close()
+      it.close()
+    return self.rates[-1]
 
 
 def stage_profile(paths: list[str], repeats: int) -> dict[str, float]:
@@ -418,8 +420,6 @@ def main(argv):
           rates[name].append(_median_rate(pools[name], count, 1))
         else:
           rates[name].append(rows[name].time(count))
-    for row in rows.values():
-      row.close()
     pool1.terminate(), pool.terminate()
     stages = stage_profile(paths, reps)
     ours_aug, albu_aug = augment_only_rates(paths, reps)
