@@ -4,6 +4,7 @@ import hashlib
 import io
 import pickle
 
+import cv2
 import grain
 import ml_collections
 import numpy as np
@@ -121,6 +122,38 @@ def test_highres_objects_are_small_and_inside():
     highres.HighResSource(num_classes=13)
   with pytest.raises(ValueError, match="split"):
     highres.HighResSource("training")
+
+
+def _stripe_energy(disc: np.ndarray, axis: int) -> float:
+  """Mean absolute difference between neighbouring pixels along `axis` (grey levels)."""
+  grey = disc.astype(np.float32).mean(-1)
+  return float(np.abs(np.diff(grey, axis=axis)).mean())
+
+
+def test_highres_class_sets_names_and_what_halving_keeps():
+  for classes, count in (("shapes", 12), ("mirror_shapes", 8), ("gratings", 8)):
+    source = highres.HighResSource("train", 8, 96, num_classes=count, classes=classes)
+    assert len(source.class_names) == count == len(set(source.class_names))
+    assert source[3]["image"].shape == (96, 96, 3)
+  with pytest.raises(ValueError, match="expected 2..8 with 'gratings'"):
+    highres.HighResSource(num_classes=9, classes="gratings")
+  with pytest.raises(ValueError, match="classes='stripes'"):
+    highres.HighResSource(classes="stripes")
+  # Gratings: vertical stripes change along x, horizontal along y; a 2.5 px period survives
+  # at full resolution and is gone (flat) after halving, a 7 px period survives both.
+  source = highres.HighResSource("train", 64, 192, num_classes=8, classes="gratings",
+                                 object_size=(40, 44), num_distractors=(0, 0))  # fmt: skip
+  for index, survives_halving in ((0, False), (6, True)):
+    image, label, boxes = source.render(index)
+    assert source.class_names[label].startswith("vertical")
+    x0, y0, x1, y1 = (int(round(v)) for v in boxes[0])
+    inner = slice(y0 + 12, y1 - 12), slice(x0 + 12, x1 - 12)
+    disc = image[inner]
+    assert _stripe_energy(disc, axis=1) > 3 * _stripe_energy(disc, axis=0)
+    half = cv2.resize(image, (96, 96), interpolation=cv2.INTER_AREA)
+    half_disc = half[(y0 + 12) // 2 : (y1 - 12) // 2, (x0 + 12) // 2 : (x1 - 12) // 2]
+    kept = _stripe_energy(half_disc, axis=1) / _stripe_energy(disc, axis=1)
+    assert (kept > 0.5) == survives_halving, (index, kept)
 
 
 def test_highres_through_grain():

@@ -10,9 +10,15 @@ a few small (default 12-20 px) filled polygons drawn on it:
     up to +-15 degrees so orientations stay distinct (90 degrees apart). Several copies let a
     224 crop of a 512 scene contain one most of the time, as a crop of a photo usually
     contains (part of) its object.
-  * with `mirror_invariant=True` (for tests with flipped images) the classes are instead
-    (shape, up or down) for a triangle, an 'L' drawn mirrored ('J') half the time, a 'T'
-    and an arrow: 8 classes that a horizontal flip maps to themselves, as ImageNet's.
+  * `classes='mirror_shapes'` (for flips as augmentation and test views): (shape, up or
+    down) for a triangle, an 'L' drawn mirrored ('J') half the time, a 'T' and an arrow:
+    8 classes that a horizontal flip maps to themselves, as ImageNet's.
+  * `classes='gratings'`: the objects are discs striped in two colours; the class is the
+    stripes' period (2.5, 3.5, 5 or 7 px, +-5%) and direction (vertical or horizontal,
+    +-10 degrees): 8 flip-invariant classes whose evidence is fine detail. Halving the
+    scene leaves the 5 and 7 px stripes and blurs the 2.5 and 3.5 px ones to flat discs
+    (below 2 px a period is gone), the paper's small-object detail lost to downsampling,
+    in a form a small network learns in minutes (the shape classes take far longer).
   * distractors: 2-4 shapes that look the same at every orientation (disc, plus sign, square
     at any angle), identical in distribution for all classes.
 
@@ -49,12 +55,22 @@ MAX_CLASSES = 4 * len(_CLASS_SHAPES)
 CLASS_NAMES = tuple(
   f"{shape} {way}" for shape in ("triangle", "L", "T") for way in ("up", "right", "down", "left")
 )
-# mirror_invariant: class c is shape c // 2 pointing up (c even) or down; the 'L' is drawn
+# mirror_shapes: class c is shape c // 2 pointing up (c even) or down; the 'L' is drawn
 # mirrored half the time, so a flipped scene is a scene of the same class.
 _MIRROR_CLASS_SHAPES = (_TRIANGLE, _ELL, _TEE, _ARROW)
 MIRROR_CLASS_NAMES = tuple(
   f"{shape} {way}" for shape in ("triangle", "L/J", "T", "arrow") for way in ("up", "down")
 )
+# gratings: class c has stripes of period _PERIODS[c // 2], vertical (c even) or horizontal.
+_PERIODS = (2.5, 3.5, 5.0, 7.0)
+GRATING_CLASS_NAMES = tuple(
+  f"{way} stripes {p:g}px" for p in _PERIODS for way in ("vertical", "horizontal")
+)
+CLASS_SETS = {
+  "shapes": CLASS_NAMES,
+  "mirror_shapes": MIRROR_CLASS_NAMES,
+  "gratings": GRATING_CLASS_NAMES,
+}
 _PLUS = [
   (-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3),
   (0.3, 1.0), (-0.3, 1.0), (-0.3, 0.3), (-1.0, 0.3), (-1.0, -0.3), (-0.3, -0.3),
@@ -119,6 +135,30 @@ def _draw(image, polygon, x, y, side, angle_deg, rng) -> None:
   )
 
 
+def _draw_grating(image, x, y, side, period, angle_deg, rng) -> None:
+  """A disc of diameter `side` at (x, y) striped in two colours, in place (antialiased)."""
+  r = side / 2.0
+  x0, x1 = max(int(x - r) - 1, 0), min(int(x + r) + 2, image.shape[1])
+  y0, y1 = max(int(y - r) - 1, 0), min(int(y + r) + 2, image.shape[0])
+  v, u = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+  u, v = u + 0.5 - x, v + 0.5 - y
+  theta = math.radians(angle_deg)
+  phase = rng.uniform(0, 2 * math.pi)
+  wave = 0.5 + 0.5 * np.sin(
+    (u * math.cos(theta) + v * math.sin(theta)) * (2 * math.pi / period) + phase
+  )
+  alpha = np.clip(r - np.sqrt(u * u + v * v) + 0.5, 0.0, 1.0)[..., None]
+  local = image[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+  first = np.where(local > 127, local - 110, local + 110)
+  second = rng.uniform(0, 255, 3)
+  for _ in range(8):  # the two stripe colours far apart, so the stripes are visible
+    if np.abs(second - first).mean() >= 80:
+      break
+    second = rng.uniform(0, 255, 3)
+  disc = first + wave[..., None] * (second - first).astype(np.float32)
+  image[y0:y1, x0:x1] = (1 - alpha) * image[y0:y1, x0:x1] + alpha * disc
+
+
 def render_scene(
   rng: np.random.Generator,
   label: int,
@@ -126,7 +166,7 @@ def render_scene(
   object_size: tuple[int, int] = (12, 20),
   num_objects: tuple[int, int] = (2, 4),
   num_distractors: tuple[int, int] = (2, 4),
-  mirror_invariant: bool = False,
+  classes: str = "shapes",
 ) -> tuple[np.ndarray, np.ndarray]:
   """Draws one scene.
 
@@ -137,18 +177,20 @@ def render_scene(
     object_size: inclusive range of object sides in px.
     num_objects: inclusive range of class-object copies.
     num_distractors: inclusive range of class-independent shapes.
-    mirror_invariant: use the 8 flip-invariant classes (module docstring).
+    classes: 'shapes' | 'mirror_shapes' | 'gratings' (module docstring).
 
   Returns:
     image uint8 [S, S, 3]; boxes float32 [K, 4] (x0, y0, x1, y1) of the K class objects.
   """
-  limit = len(MIRROR_CLASS_NAMES) if mirror_invariant else MAX_CLASSES
+  if classes not in CLASS_SETS:
+    raise ValueError(f"highres classes={classes!r}: expected one of {sorted(CLASS_SETS)}")
+  limit = len(CLASS_SETS[classes])
   if not 0 <= label < limit:
     raise ValueError(f"label {label} outside [0, {limit})")
   canvas = _texture(rng, image_size)
-  if mirror_invariant:
+  if classes == "mirror_shapes":
     shape, quarter_turns = _MIRROR_CLASS_SHAPES[label // 2], 2 * (label % 2)
-  else:
+  elif classes == "shapes":
     shape, quarter_turns = _CLASS_SHAPES[label // 4], label % 4
   taken: list[tuple[float, float, float]] = []
   boxes = []
@@ -156,11 +198,16 @@ def render_scene(
   for _ in range(count):
     side = rng.uniform(object_size[0], object_size[1])
     x, y = _place(rng, image_size, side, taken)
-    angle = 90.0 * quarter_turns + rng.uniform(-_JITTER_DEG, _JITTER_DEG)
-    polygon = shape
-    if mirror_invariant and rng.random() < 0.5:
-      polygon = [(-px, py) for px, py in shape]
-    _draw(canvas, polygon, x, y, side, angle, rng)
+    if classes == "gratings":
+      period = _PERIODS[label // 2] * rng.uniform(0.95, 1.05)
+      angle = 90.0 * (label % 2) + rng.uniform(-10.0, 10.0)
+      _draw_grating(canvas, x, y, side, period, angle, rng)
+    else:
+      angle = 90.0 * quarter_turns + rng.uniform(-_JITTER_DEG, _JITTER_DEG)
+      polygon = shape
+      if classes == "mirror_shapes" and rng.random() < 0.5:
+        polygon = [(-px, py) for px, py in shape]
+      _draw(canvas, polygon, x, y, side, angle, rng)
     boxes.append((x - side / 2, y - side / 2, x + side / 2, y + side / 2))
   for _ in range(int(rng.integers(num_distractors[0], num_distractors[1] + 1))):
     side = rng.uniform(object_size[0], object_size[1])
@@ -189,17 +236,16 @@ class HighResSource:
     object_size: tuple[int, int] = (12, 20),
     num_objects: tuple[int, int] = (2, 4),
     num_distractors: tuple[int, int] = (2, 4),
-    mirror_invariant: bool = False,
+    classes: str = "shapes",
   ):
     """Args: see `render_scene`; `split` is 'train' or 'validation' ('test'/'eval' alias it)."""
     if split not in SPLIT_CODES:
       raise ValueError(f"highres split {split!r}: expected one of {sorted(SPLIT_CODES)}")
-    limit = len(MIRROR_CLASS_NAMES) if mirror_invariant else MAX_CLASSES
+    if classes not in CLASS_SETS:
+      raise ValueError(f"highres classes={classes!r}: expected one of {sorted(CLASS_SETS)}")
+    limit = len(CLASS_SETS[classes])
     if not 2 <= num_classes <= limit:
-      raise ValueError(
-        f"highres num_classes {num_classes}: expected 2..{limit}"
-        + (" with mirror_invariant" if mirror_invariant else "")
-      )
+      raise ValueError(f"highres num_classes {num_classes}: expected 2..{limit} with {classes!r}")
     if min(object_size) < 2 or max(object_size) * 4 > image_size:
       raise ValueError(f"highres object_size {object_size} does not fit image_size {image_size}")
     # Aliases collapse to one name, so equal sources have equal reprs (Grain keys on it).
@@ -209,7 +255,7 @@ class HighResSource:
     self.object_size = tuple(int(s) for s in object_size)
     self.num_objects = tuple(int(n) for n in num_objects)
     self.num_distractors = tuple(int(n) for n in num_distractors)
-    self.mirror_invariant = bool(mirror_invariant)
+    self.classes = str(classes)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -217,8 +263,7 @@ class HighResSource:
   @property
   def class_names(self) -> tuple[str, ...]:
     """Names of labels 0..num_classes-1, e.g. 'triangle up', 'L right'."""
-    names = MIRROR_CLASS_NAMES if self.mirror_invariant else CLASS_NAMES
-    return names[: self.num_classes]
+    return CLASS_SETS[self.classes][: self.num_classes]
 
   def label(self, index: int) -> int:
     """The class of example `index`, without rendering it."""
@@ -237,7 +282,7 @@ class HighResSource:
       self.object_size,
       self.num_objects,
       self.num_distractors,
-      self.mirror_invariant,
+      self.classes,
     )
     return image, label, boxes
 
@@ -251,5 +296,5 @@ class HighResSource:
       f"image_size={self.image_size}, num_classes={self.num_classes}, seed={self.seed}, "
       f"object_size={self.object_size}, num_objects={self.num_objects}, "
       f"num_distractors={self.num_distractors}"
-      + (", mirror_invariant=True)" if self.mirror_invariant else ")")
+      + (f", classes={self.classes!r})" if self.classes != "shapes" else ")")
     )

@@ -23,7 +23,7 @@ Config fields (`config.data`; every default lives in `default_config` below):
   image_size            digits: side the 8x8 digits are upsampled to
   highres.*             highres: image_size, num_classes, num_train_examples,
                         num_eval_examples, object_size, num_objects, num_distractors,
-                        mirror_invariant
+                        classes
                         (see `deep_image.data.highres.render_scene`)
 """
 
@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       "object_size": (12, 20),
       "num_objects": (2, 4),
       "num_distractors": (2, 4),
-      "mirror_invariant": False,
+      "classes": "shapes",
     }
   )
   return cfg
@@ -117,7 +117,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str):
       object_size=tuple(hr.object_size),
       num_objects=tuple(hr.num_objects),
       num_distractors=tuple(hr.num_distractors),
-      mirror_invariant=bool(hr.mirror_invariant),
+      classes=str(hr.classes),
     )
   raise ValueError(f"data.source={kind!r}: expected one of {SOURCES}")
 

@@ -591,7 +591,7 @@ def make_strategy(
 
   preprocess(images, augment) -> images runs inside the jitted step when
   `train_step` is given augmentation parameters (data.augment_on='device'),
-  e.g. `lambda im, aug: pipeline.device_augment({"image": im, "augment": aug}, crop)`.
+  e.g. `lambda im, aug: augment_device.augment_batch({"image": im, "augment": aug}, crop)`.
   """
   validate_parallel_config(config, mesh.size)
   name = config.parallel.strategy

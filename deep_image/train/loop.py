@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from deep_image.config_error import ConfigError
-from deep_image.data import pipeline
+from deep_image.data import augment_device, pipeline
 from deep_image.evaluate.accuracy import Evaluator
 from deep_image.evaluate.protocol import Protocol
 from deep_image.models.vgg import make_model
@@ -55,7 +55,7 @@ def _preprocess_for(config):
   crop = config.data.augment.crop_size
 
   def preprocess(images, augment):
-    return pipeline.device_augment({"image": images, "augment": augment}, crop)
+    return augment_device.augment_batch({"image": images, "augment": augment}, crop)
 
   return preprocess
 

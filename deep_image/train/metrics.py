@@ -6,7 +6,8 @@ Files in the workdir DIR (written by process 0 only):
 | ------------------------------------- | --------------------------------------------------- |
 | DIR/metrics.jsonl, train record       | {"step", "loss", "top1", "learning_rate", ...}: one |
 |                                       | JSON object a line, keys sorted, no "split" key     |
-| DIR/metrics.jsonl, eval record        | {"step", "split", "top1", "top5", maybe "count"}    |
+| DIR/metrics.jsonl, eval record        | {"step", "split", "top1", "top5", maybe "count",    |
+|                                       | "protocol" (e.g. "center@36")}                      |
 | DIR/tensorboard/events.out.tfevents.* | TensorBoard scalars, written by tensorboardX (no    |
 |                                       | TensorFlow): tag "train/<key>" for each numeric key |
 |                                       | of a train record, "<split>/<key>" for an eval      |

@@ -37,7 +37,7 @@ data.highres.num_eval_examples          1000             highres: validation spl
 data.highres.object_size                (12, 20)         highres: object side range, px
 data.highres.num_objects                (2, 4)           highres: class objects per scene
 data.highres.num_distractors            (2, 4)           highres: distractors per scene
-data.highres.mirror_invariant           False            highres: 8 classes a flip keeps
+data.highres.classes                    'shapes'         highres: or 'mirror_shapes', 'gratings'
 data.eval_split                         'validation'     split of the periodic and final eval
 data.train_scale                        36               S: train images' shorter side
 data.eval_scale                         0                eval shorter side (0: train_scale)

@@ -49,7 +49,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.data.splits.validation = "validation"
   c.data.highres.image_size = 64
   c.data.highres.num_classes = 8
-  c.data.highres.mirror_invariant = True  # flips are on: classes a flip keeps
+  c.data.highres.classes = "mirror_shapes"  # flips are on: classes a flip keeps
   c.data.highres.object_size = (6, 10)
   c.data.highres.num_train_examples = 256
   c.data.highres.num_eval_examples = 64
