@@ -230,7 +230,10 @@ class DeviceCache:
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The batch of `step`: (images uint8 [B, c, c, 3], labels int32 [B]), batch-sharded."""
-    return self._batch_fn(self.images, self.labels, jnp.int32(step), jnp.uint32(self.seed))
+    # Host scalars, not jnp ones: a jnp scalar lives on device 0, and copying it to the
+    # other devices queues behind device 0's work; on XLA:CPU that copy could wait for a
+    # train step whose collective waited for this batch, a deadlock seen on 2 cores.
+    return self._batch_fn(self.images, self.labels, np.int32(step), np.uint32(self.seed))
 
   def __iter__(self):
     return self
