@@ -19,12 +19,16 @@ from absl import app, flags, logging
 from experiments import cli
 from experiments.markdown import table
 
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
-_PROTOCOL = flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip@256.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_string("split", "", "Split to test (default: the first run's eval split).")
-_OUT = flags.DEFINE_string("out", "", "Write the JSON here.")
-flags.mark_flag_as_required("workdirs")
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module beside other
+  # scripts that define flags of the same names.
+  flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
+  flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip@256.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+  flags.DEFINE_string("split", "", "Split to test (default: the first run's eval split).")
+  flags.DEFINE_string("out", "", "Write the JSON here.")
+  flags.mark_flag_as_required("workdirs")
 
 
 def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint: str, split: str):
@@ -69,9 +73,11 @@ def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdirs = cli.split_list(_WORKDIRS.value, "workdirs")
+  workdirs = cli.split_list(flags.FLAGS.workdirs, "workdirs")
   configs = cli.configure_devices_for_runs(workdirs)
-  models, fused = ensemble(workdirs, configs, _PROTOCOL.value, _CHECKPOINT.value, _SPLIT.value)
+  models, fused = ensemble(
+    workdirs, configs, flags.FLAGS.protocol, flags.FLAGS.checkpoint, flags.FLAGS.split
+  )
   rows = [
     (w, r["protocol"], r["step"], f"{r['top1']:.2%}", f"{r['top5']:.2%}", f"{1 - r['top5']:.2%}")
     for w, r in models.items()
@@ -79,7 +85,7 @@ def main(argv):
   rows.append(
     (
       "fused",
-      _PROTOCOL.value,
+      flags.FLAGS.protocol,
       "",
       f"{fused['top1']:.2%}",
       f"{fused['top5']:.2%}",
@@ -87,12 +93,13 @@ def main(argv):
     )
   )
   print(table(("model", "protocol", "step", "top-1", "top-5", "top-5 error"), rows))
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+  if flags.FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
+    with open(flags.FLAGS.out, "w") as f:
       json.dump({"models": models, "fused": fused}, f, indent=1, sort_keys=True)
-    logging.info("wrote %s", _OUT.value)
+    logging.info("wrote %s", flags.FLAGS.out)
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -23,14 +23,18 @@ from absl import app, flags, logging
 from experiments import cli
 from experiments.markdown import table
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's --workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SCALES = flags.DEFINE_string("scales", "", "Test scales, e.g. 256,512 (default: eval scale).")
-_FLIP = flags.DEFINE_bool("flip", False, "Also test mirrored images.")
-_DENSE = flags.DEFINE_bool("dense", False, "Also test dense (FC layers as convolutions).")
-_SPLIT = flags.DEFINE_string("split", "", "Split to test (default: the run's eval split).")
-_OUT = flags.DEFINE_string("out", "", "Where to write the JSON (default: WORKDIR/eval.json).")
-flags.mark_flag_as_required("workdir")
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module beside other
+  # scripts that define flags of the same names.
+  flags.DEFINE_string("workdir", None, "The run's --workdir.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+  flags.DEFINE_string("scales", "", "Test scales, e.g. 256,512 (default: eval scale).")
+  flags.DEFINE_bool("flip", False, "Also test mirrored images.")
+  flags.DEFINE_bool("dense", False, "Also test dense (FC layers as convolutions).")
+  flags.DEFINE_string("split", "", "Split to test (default: the run's eval split).")
+  flags.DEFINE_string("out", "", "Where to write the JSON (default: WORKDIR/eval.json).")
+  flags.mark_flag_as_required("workdir")
 
 
 def results_table(results: dict) -> str:
@@ -66,30 +70,31 @@ def write_results(path: str, results: dict, *, step: int, split: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  (config,) = cli.configure_devices_for_runs([_WORKDIR.value])
+  (config,) = cli.configure_devices_for_runs([flags.FLAGS.workdir])
   from deep_image.data import pipeline
   from deep_image.evaluate.accuracy import Evaluator
   from deep_image.evaluate.protocol import protocol_grid
   from deep_image.train.trained_model import load_trained_model
 
   scales = (
-    tuple(int(s) for s in cli.split_list(_SCALES.value, "scales"))
-    if _SCALES.value
+    tuple(int(s) for s in cli.split_list(flags.FLAGS.scales, "scales"))
+    if flags.FLAGS.scales
     else (pipeline.eval_scale(config.data),)
   )
-  protocols = protocol_grid(scales, flip=_FLIP.value, dense=_DENSE.value)
-  trained = load_trained_model(_WORKDIR.value, _CHECKPOINT.value)
-  split = _SPLIT.value or config.data.eval_split
+  protocols = protocol_grid(scales, flip=flags.FLAGS.flip, dense=flags.FLAGS.dense)
+  trained = load_trained_model(flags.FLAGS.workdir, flags.FLAGS.checkpoint)
+  split = flags.FLAGS.split or config.data.eval_split
   evaluator = Evaluator(
     trained.model, config.data, trained.batch_sharding, config.train.eval_batch_size
   )
   evaluation = evaluator.run(trained.params, protocols, split=split)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "eval.json")
+  out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "eval.json")
   write_results(out, evaluation.results, step=trained.step, split=split)
-  print(f"{_WORKDIR.value}, step {trained.step}, split {split!r}:\n")
+  print(f"{flags.FLAGS.workdir}, step {trained.step}, split {split!r}:\n")
   print(results_table(evaluation.results))
   logging.info("wrote %s", out)
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -17,11 +17,15 @@ from PIL import Image
 
 from experiments import cli
 
-_CONFIG = cli.define_config()
-_SPLIT = flags.DEFINE_string("split", "train", "Generic split name: train or validation.")
-_DST = flags.DEFINE_string("dst", None, "Output folder (created).")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Write only the first N records (0: all).")
-flags.mark_flag_as_required("dst")
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module beside other
+  # scripts that define flags of the same names.
+  cli.define_config()
+  flags.DEFINE_string("split", "train", "Generic split name: train or validation.")
+  flags.DEFINE_string("dst", None, "Output folder (created).")
+  flags.DEFINE_integer("limit", 0, "Write only the first N records (0: all).")
+  flags.mark_flag_as_required("dst")
 
 
 def folder_name(name: str) -> str:
@@ -34,19 +38,22 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from deep_image.data import sources
 
-  source = sources.make_source(_CONFIG.value.data, _SPLIT.value)
+  source = sources.make_source(flags.FLAGS.config.data, flags.FLAGS.split)
   names = [folder_name(n) for n in source.class_names]
   if len(set(names)) != len(names):
     raise ValueError(f"class names {source.class_names} collide as folder names {names}")
-  count = len(source) if _LIMIT.value <= 0 else min(_LIMIT.value, len(source))
+  count = len(source) if flags.FLAGS.limit <= 0 else min(flags.FLAGS.limit, len(source))
   for name in names:
-    os.makedirs(os.path.join(_DST.value, name), exist_ok=True)
+    os.makedirs(os.path.join(flags.FLAGS.dst, name), exist_ok=True)
   for i in range(count):
     record = source[i]
     image = sources.decode_image(record["image"])
-    Image.fromarray(image).save(os.path.join(_DST.value, names[record["label"]], f"{i:06d}.png"))
-  logging.info("wrote %d images of %d classes to %s", count, len(names), _DST.value)
+    Image.fromarray(image).save(
+      os.path.join(flags.FLAGS.dst, names[record["label"]], f"{i:06d}.png")
+    )
+  logging.info("wrote %d images of %d classes to %s", count, len(names), flags.FLAGS.dst)
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

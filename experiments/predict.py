@@ -20,14 +20,6 @@ from PIL import Image, UnidentifiedImageError
 from experiments import cli
 from experiments.markdown import table
 
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
-_IMAGE = flags.DEFINE_string("image", None, "The image file to classify.")
-_K = flags.DEFINE_integer("k", 20, "How many classes to list.")
-_PROTOCOL = flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_OUT = flags.DEFINE_string("out", "", "Also draw the top-k bars to this PNG.")
-flags.mark_flags_as_required(["workdirs", "image"])
-
 
 class OneImage:
   """A one-record source: the encoded file as the pipeline's eval input (label unknown: 0)."""
@@ -54,6 +46,18 @@ class OneImage:
 
   def __repr__(self) -> str:
     return f"OneImage({self.path!r})"
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module beside other
+  # scripts that define flags of the same names.
+  flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
+  flags.DEFINE_string("image", None, "The image file to classify.")
+  flags.DEFINE_integer("k", 20, "How many classes to list.")
+  flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+  flags.DEFINE_string("out", "", "Also draw the top-k bars to this PNG.")
+  flags.mark_flags_as_required(["workdirs", "image"])
 
 
 def predict(workdirs, configs, image: OneImage, protocol_text: str, checkpoint: str):
@@ -128,16 +132,17 @@ def draw(columns: dict, names: list[str], k: int, title: str, path: str) -> None
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdirs = cli.split_list(_WORKDIRS.value, "workdirs")
+  workdirs = cli.split_list(flags.FLAGS.workdirs, "workdirs")
   configs = cli.configure_devices_for_runs(workdirs)
-  image = OneImage(_IMAGE.value)
-  columns, names = predict(workdirs, configs, image, _PROTOCOL.value, _CHECKPOINT.value)
-  print(f"{_IMAGE.value}:\n")
-  print(topk_table(columns, names, _K.value))
-  if _OUT.value:
-    draw(columns, names, _K.value, os.path.basename(_IMAGE.value), _OUT.value)
-    logging.info("wrote %s", _OUT.value)
+  image = OneImage(flags.FLAGS.image)
+  columns, names = predict(workdirs, configs, image, flags.FLAGS.protocol, flags.FLAGS.checkpoint)
+  print(f"{flags.FLAGS.image}:\n")
+  print(topk_table(columns, names, flags.FLAGS.k))
+  if flags.FLAGS.out:
+    draw(columns, names, flags.FLAGS.k, os.path.basename(flags.FLAGS.image), flags.FLAGS.out)
+    logging.info("wrote %s", flags.FLAGS.out)
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -31,10 +31,6 @@ from absl import app, flags, logging
 from experiments import cli
 from experiments.markdown import table
 
-_OUT = flags.DEFINE_string("out", None, "Folder for the runs, tables and figure.")
-_TINY = flags.DEFINE_bool("tiny", False, "The `tiny` variants: seconds, numbers meaningless.")
-flags.mark_flag_as_required("out")
-
 # name -> (highres.py variants, what it is)
 RUNS = {
   "low": ("", "train scale S, augmentations"),
@@ -49,6 +45,14 @@ PROTOCOLS = (
   ("dense + flip + 3 scales", "dense+flip@{lo},{s},{hi}"),
 )
 FUSED = tuple(label for label, _ in PROTOCOLS)
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: tests import this module beside other
+  # scripts that define flags of the same names.
+  flags.DEFINE_string("out", None, "Folder for the runs, tables and figure.")
+  flags.DEFINE_bool("tiny", False, "The `tiny` variants: seconds, numbers meaningless.")
+  flags.mark_flag_as_required("out")
 
 
 def run_configs(tiny: bool) -> dict:
@@ -204,9 +208,9 @@ def draw(results: dict, out: str, path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  configs = run_configs(_TINY.value)
+  configs = run_configs(flags.FLAGS.tiny)
   cli.configure_devices(configs["low"])
-  out = _OUT.value
+  out = flags.FLAGS.out
   os.makedirs(out, exist_ok=True)
   start = time.perf_counter()
   results = measure(configs, out)
@@ -221,4 +225,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

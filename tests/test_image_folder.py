@@ -28,7 +28,10 @@ def test_export_prepare_train_and_evaluate_an_image_folder(tmp_path):
       f"--limit={limit}",
     )
     assert done.returncode == 0, done.stderr[-2000:]
-  assert sorted(os.listdir(folder / "train"))[:2] == ["L-J_down", "L-J_up"]
+  assert sorted(os.listdir(folder / "train"))[:2] == [
+    "horizontal_stripes_2.5px",
+    "horizontal_stripes_3.5px",
+  ]
   assert sum(len(files) for _, _, files in os.walk(folder / "train")) == 128
   classes = prepared / "train" / "classes.json"
   for split, extra in (("train", ()), ("validation", (f"--classes={classes}",))):
