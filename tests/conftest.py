@@ -19,12 +19,6 @@ if "collective_call_terminate_timeout" not in _flags:
   _flags += " " + PATIENT_COLLECTIVES
 os.environ["XLA_FLAGS"] = _flags.strip()
 
-import jax  # noqa: E402
-
-# As `configure_host_devices` does for the scripts: async CPU dispatch can deadlock
-# multi-device collectives on few cores (jax-ml/jax#25861).
-jax.config.update("jax_cpu_enable_async_dispatch", False)
-
 # `experiments.train` flags for a seconds-long job: the default config's `tiny` variant
 # (vgg_tiny on 16 px digit crops; experiments/configs/base.py); CLI tests add their own
 # steps and devices.

@@ -38,7 +38,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -230,9 +229,8 @@ class DeviceCache:
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The batch of `step`: (images uint8 [B, c, c, 3], labels int32 [B]), batch-sharded."""
-    # Host scalars, not jnp ones: a jnp scalar lives on device 0, and copying it to the
-    # other devices queues behind device 0's work; on XLA:CPU that copy could wait for a
-    # train step whose collective waited for this batch, a deadlock seen on 2 cores.
+    # Host scalars, not jnp ones: a jnp scalar lives on device 0 and would be copied from
+    # there to every device at each step, queued behind device 0's work.
     return self._batch_fn(self.images, self.labels, np.int32(step), np.uint32(self.seed))
 
   def __iter__(self):

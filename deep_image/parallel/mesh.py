@@ -138,13 +138,9 @@ def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   Simulated devices share the host's cores, and a CPU collective is a rendezvous
   of all of them: on a loaded machine one can wait longer than XLA's default 40 s
   and abort the process. Unless XLA_FLAGS sets them, the rendezvous timeouts are
-  raised to `PATIENT_COLLECTIVES`. And CPU programs run synchronously: with
-  asynchronous dispatch, a later program can take the CPU client's execution
-  slots while an earlier one's devices still wait in a collective for devices
-  that need a slot, a deadlock (seen here on 2 cores as a first step that never
-  ends; jax-ml/jax#25861). Accelerator backends keep their asynchronous dispatch.
+  raised to `PATIENT_COLLECTIVES`. (A collective that never completes is another
+  matter: see `wait_each_step` in `deep_image/train/loop.py`.)
   """
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
   flags = os.environ.get("XLA_FLAGS", "")
   if "collective_call_terminate_timeout" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {PATIENT_COLLECTIVES}".strip()

@@ -188,6 +188,13 @@ class _Run:
     self.start = start
     self.writer = MetricsWriter(workdir, resume_step=start)
     self.schedule = learning_rate_schedule(config.train)
+    # XLA:CPU: let a step finish before the next is dispatched. Otherwise the loop can run
+    # a step ahead (it does with the device cache, whose batches cost no host time); the
+    # next step's executions then take the CPU client's execution slots while they wait
+    # for this step's outputs, and this step's last devices, needing a slot to reach their
+    # collective, never get one: a deadlock (gdb-verified on 2 cores under load). GPUs
+    # keep their asynchronous dispatch.
+    self.wait_each_step = jax.default_backend() == "cpu"
     self.window_rates: list[float] = []
     self.evaluator = Evaluator(
       model, config.data, strategy.batch_sharding, config.train.eval_batch_size
@@ -255,6 +262,8 @@ class _Run:
     evaluation = None
     for step in range(self.start + 1, num_steps + 1):
       state, metrics = self.strategy.train_step(state, *next(self.batches))
+      if self.wait_each_step:
+        jax.block_until_ready(state)
       window.step()
       is_last = step == num_steps
       log_now = step % train_cfg.log_every == 0 or is_last
