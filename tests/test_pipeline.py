@@ -211,9 +211,13 @@ def test_eval_scale_zero_follows_train_scale():
 # It prints its workers' pids before it fails on purpose; the test checks they are gone.
 _WORKERS_SCRIPT = textwrap.dedent(
   """
-  import gc, multiprocessing, sys, time
+  import gc, multiprocessing, signal, sys, time
   import numpy as np
   from deep_image.data import pipeline
+
+  # Ctrl-C raises KeyboardInterrupt, as in a terminal. Python keeps SIGINT ignored when its
+  # parent ignored it, and a pytest-xdist worker may: the SIGINT test then hung for 60 s.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def workers_alive(timeout=15.0):
     deadline = time.monotonic() + timeout

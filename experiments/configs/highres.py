@@ -24,7 +24,7 @@ rendered on the fly (2 ms each). `experiments.reproduce` trains both, plus one w
 augmentations, and fuses them (RESULTS.md).
 
 Variants: `high` (train scale 96); `noaug` (the paper's augmentations off, random crops
-kept); `tiny` (vgg_tiny, 24 px scenes, 12 steps: seconds, for tests).
+kept); `tiny` (vgg_tiny, 48 px scenes at scale 24, 12 steps: seconds, for tests).
 """
 
 import ml_collections
