@@ -151,8 +151,12 @@ class Evaluator:
     real = np.asarray(mask, bool)
     n = int(real.sum())
     order = np.asarray(index)[real]
-    if sorted(order.tolist()) != list(range(n)):
-      raise AssertionError(f"eval pass {view.name} saw records {sorted(order)} of {n}")
+    seen = np.bincount(order, minlength=n)
+    if len(seen) != n or not np.all(seen == 1):
+      raise AssertionError(
+        f"eval pass {view.name}: {int(np.sum(seen == 0))} of {n} records missing, "
+        f"{int(np.sum(seen > 1))} seen twice"
+      )
     out_scores = np.empty((n, scores.shape[1]), np.float32)
     out_labels = np.empty(n, np.int32)
     out_scores[order], out_labels[order] = scores[real], label[real]
