@@ -35,7 +35,7 @@ def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint:
   """Each model's and the fused result: ({workdir: result}, fused result)."""
   from deep_image.config_error import ConfigError
   from deep_image.data import pipeline, sources
-  from deep_image.evaluate.accuracy import Evaluator, accuracy, fuse
+  from deep_image.evaluate.accuracy import accuracy, fuse
   from deep_image.evaluate.protocol import parse_protocol
   from deep_image.train.trained_model import load_trained_model
 
@@ -51,9 +51,7 @@ def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint:
   for workdir, config in zip(workdirs, configs, strict=True):
     protocol = parse_protocol(protocol_text, pipeline.eval_scale(config.data))
     trained = load_trained_model(workdir, checkpoint)
-    evaluator = Evaluator(
-      trained.model, config.data, trained.batch_sharding, config.train.eval_batch_size
-    )
+    evaluator = trained.evaluator()
     evaluation = evaluator.run(trained.params, [protocol], split=split)
     if labels is not None and evaluation.scores[protocol.name].shape != scores[0].shape:
       raise ConfigError(

@@ -72,7 +72,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   (config,) = cli.configure_devices_for_runs([flags.FLAGS.workdir])
   from deep_image.data import pipeline
-  from deep_image.evaluate.accuracy import Evaluator
   from deep_image.evaluate.protocol import protocol_grid
   from deep_image.train.trained_model import load_trained_model
 
@@ -84,9 +83,7 @@ def main(argv):
   protocols = protocol_grid(scales, flip=flags.FLAGS.flip, dense=flags.FLAGS.dense)
   trained = load_trained_model(flags.FLAGS.workdir, flags.FLAGS.checkpoint)
   split = flags.FLAGS.split or config.data.eval_split
-  evaluator = Evaluator(
-    trained.model, config.data, trained.batch_sharding, config.train.eval_batch_size
-  )
+  evaluator = trained.evaluator()
   evaluation = evaluator.run(trained.params, protocols, split=split)
   out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "eval.json")
   write_results(out, evaluation.results, step=trained.step, split=split)

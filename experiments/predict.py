@@ -66,7 +66,7 @@ def predict(workdirs, configs, image: OneImage, protocol_text: str, checkpoint: 
 
   from deep_image.config_error import ConfigError
   from deep_image.data import pipeline, sources
-  from deep_image.evaluate.accuracy import Evaluator, fuse
+  from deep_image.evaluate.accuracy import fuse, posteriors
   from deep_image.evaluate.protocol import parse_protocol
   from deep_image.train.trained_model import load_trained_model
 
@@ -75,15 +75,16 @@ def predict(workdirs, configs, image: OneImage, protocol_text: str, checkpoint: 
     protocol = parse_protocol(protocol_text, pipeline.eval_scale(config.data))
     trained = load_trained_model(workdir, checkpoint)
     # One image, padded to one row per device.
-    evaluator = Evaluator(trained.model, config.data, trained.batch_sharding, jax.device_count())
-    evaluation = evaluator.run(trained.params, [protocol], split="-", source=image)
+    evaluation = trained.evaluator(global_batch_size=jax.device_count()).run(
+      trained.params, [protocol], split="-", source=image
+    )
     score = evaluation.scores[protocol.name]
     if scores and score.shape != scores[0].shape:
       raise ConfigError(f"{workdir} predicts {score.shape[1]} classes, {workdirs[0]} another count")
     scores.append(score)
-    columns[f"{workdir} ({protocol.name})"] = _softmax(score[0])
+    columns[f"{workdir} ({protocol.name})"] = posteriors(score[0])
   if len(scores) > 1:
-    columns["fused"] = _softmax(fuse(scores)[0])
+    columns["fused"] = posteriors(fuse(scores)[0])
   try:
     names = sources.make_source(configs[0].data, configs[0].data.eval_split).class_names
   except (AttributeError, OSError, ValueError) as e:  # e.g. a dataset no longer on this host
@@ -91,11 +92,6 @@ def predict(workdirs, configs, image: OneImage, protocol_text: str, checkpoint: 
     names = None
   names = list(names) if names else [str(i) for i in range(len(scores[0][0]))]
   return columns, names
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-  z = np.exp(scores.astype(np.float64) - scores.max())
-  return z / z.sum()
 
 
 def topk_table(columns: dict, names: list[str], k: int) -> str:

@@ -73,7 +73,7 @@ def protocol_names(scale: int) -> dict[str, str]:
 def measure(configs: dict, out: str) -> dict:
   """Train (or reuse) every run, then evaluate, fuse and collect the numbers."""
   from deep_image.data import pipeline
-  from deep_image.evaluate.accuracy import Evaluator, accuracy, fuse
+  from deep_image.evaluate.accuracy import accuracy, fuse
   from deep_image.evaluate.protocol import parse_protocol
   from deep_image.train import train_and_evaluate
   from deep_image.train.trained_model import load_trained_model
@@ -93,9 +93,7 @@ def measure(configs: dict, out: str) -> dict:
       "images_per_sec": round(final["images_per_sec"], 1),
     }
     trained = load_trained_model(workdir, "latest")
-    evaluator = Evaluator(
-      trained.model, config.data, trained.batch_sharding, config.train.eval_batch_size
-    )
+    evaluator = trained.evaluator()
     names = protocol_names(scale)
     wanted = names if name != "low_noaug" else {"centre crop": names["centre crop"]}
     protocols = [parse_protocol(p, scale) for p in wanted.values()]

@@ -40,6 +40,14 @@ from deep_image.models import losses
 _PROGRESS_SECONDS = 30.0
 
 
+def posteriors(scores: np.ndarray) -> np.ndarray:
+  """Softmax over the last axis, in float64: scores [..., classes] -> probabilities."""
+  shifted = np.asarray(scores, np.float64)
+  shifted = shifted - shifted.max(axis=-1, keepdims=True)
+  probabilities = np.exp(shifted)
+  return probabilities / probabilities.sum(axis=-1, keepdims=True)
+
+
 def fuse(scores: list[np.ndarray]) -> np.ndarray:
   """Scores of several views or models -> the log of their mean softmax posterior.
 
@@ -50,12 +58,8 @@ def fuse(scores: list[np.ndarray]) -> np.ndarray:
   """
   if len(scores) == 1:
     return scores[0]
-  stacked = np.stack(scores).astype(np.float64)
-  stacked -= stacked.max(axis=-1, keepdims=True)
-  posteriors = np.exp(stacked)
-  posteriors /= posteriors.sum(axis=-1, keepdims=True)
   with np.errstate(divide="ignore"):  # a posterior of 0 is a score of -inf: ranked last
-    return np.log(posteriors.mean(axis=0)).astype(np.float32)
+    return np.log(posteriors(np.stack(scores)).mean(axis=0)).astype(np.float32)
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict:

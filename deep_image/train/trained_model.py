@@ -18,6 +18,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from deep_image.config_error import ConfigError
+from deep_image.evaluate.accuracy import Evaluator
 from deep_image.models.vgg import VGG, make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
@@ -39,6 +40,12 @@ class TrainedModel:
   model: VGG
   params: object
   batch_sharding: NamedSharding
+
+  def evaluator(self, global_batch_size: int | None = None) -> Evaluator:
+    """An `Evaluator` of this model on the run's data config, batched over its mesh;
+    `global_batch_size` defaults to the run's `train.eval_batch_size`."""
+    batch = self.config.train.eval_batch_size if global_batch_size is None else global_batch_size
+    return Evaluator(self.model, self.config.data, self.batch_sharding, batch)
 
 
 def resolve_step(checkpoints: Checkpointer, checkpoint: str) -> int:
