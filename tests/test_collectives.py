@@ -83,8 +83,8 @@ def test_gradients_match_lax(algorithm, n):
     return np.asarray(jax.jit(mapped)(x, w))
 
   ours = grad_of(
-    lambda v: collectives.gather_params(v, "x", algorithm),
-    lambda v: collectives.scatter_partials(v, "x", algorithm),
+    lambda v: collectives.all_gather_with_scatter_grad(v, "x", algorithm),
+    lambda v: collectives.reduce_scatter_with_gather_grad(v, "x", algorithm),
   )
   builtin = grad_of(
     lambda v: lax.all_gather(v, "x", axis=0, tiled=True),

@@ -9,6 +9,11 @@ applies gradients a step late, or draws dropout masks per device, fails here
 (the guards below check that the compared quantities do move step to step,
 and that dropout changes them).
 
+The shard_map strategies run with `parallel.overlap='deferred'` (the default:
+each step applies the previous step's update, `full_params` applies the
+pending one) and with 'none', over buckets of one to three layers
+(`BUCKET_MB`), so every bucket boundary and both schedules are compared.
+
 Tolerances:
   float32:  |diff| <= 1e-5 + 1e-4 |value| (reductions in another order; seen ~2e-6).
   bfloat16: params and losses |diff| <= 3e-2 + 3e-2 |value|, norms the same;
@@ -38,6 +43,8 @@ BATCH = 24  # divides over 1, 2, 3, 4, 6 and 8 devices
 STEPS = 3
 DROPOUT = 0.3
 LEARNING_RATE = 0.1
+# vgg_tiny's layers hold 0.4-3.2 KB of parameters: 3 KB buckets group up to three.
+BUCKET_MB = 0.003
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 # (strategy, conv mode of hybrid)
 SHARD_MAP = [("data", "data"), ("lazy", "data"), ("hybrid", "data"), ("hybrid", "lazy")]
@@ -47,13 +54,22 @@ FLOAT32_TOL = (1e-4, 1e-5, METRICS)
 BFLOAT16_TOL = (3e-2, 3e-2, ("loss", "grad_norm", "param_norm", "update_norm"))
 
 
-def tiny_config(strategy="gspmd", collective="xla", conv="data", dtype="float32", dropout=DROPOUT):
+def tiny_config(
+  strategy="gspmd",
+  collective="xla",
+  conv="data",
+  dtype="float32",
+  dropout=DROPOUT,
+  overlap="deferred",
+  bucket_mb=BUCKET_MB,
+):
   c = base.get_config()
   c.model.name, c.model.image_size = "vgg_tiny", 8
   c.model.dropout, c.model.dtype = dropout, dtype
   c.train.batch_size, c.train.num_steps, c.train.warmup_steps = BATCH, 10, 0
   c.train.learning_rate = LEARNING_RATE
   c.parallel.strategy, c.parallel.collective, c.parallel.conv = strategy, collective, conv
+  c.parallel.overlap, c.parallel.bucket_mb = overlap, bucket_mb
   return c
 
 
@@ -134,6 +150,51 @@ CASES = (
 def test_n_devices_train_like_one_device(strategy, collective, conv, n):
   got = run_steps(tiny_config(strategy, collective, conv), n)
   assert_same_trajectory(got, reference(), FLOAT32_TOL)
+
+
+# overlap='none' (the whole update inside the step) and one bucket per layer.
+NONE_CASES = [(s, a, conv, 8) for s, conv in SHARD_MAP for a in ("butterfly", "xla")] + [
+  (s, "ring", conv, 6) for s, conv in SHARD_MAP[:2]
+]
+
+
+@pytest.mark.parametrize("strategy,collective,conv,n", NONE_CASES)
+def test_without_overlap_n_devices_train_like_one_device(strategy, collective, conv, n):
+  got = run_steps(tiny_config(strategy, collective, conv, overlap="none"), n)
+  assert_same_trajectory(got, reference(), FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("overlap", ["none", "deferred"])
+@pytest.mark.parametrize("strategy,conv", [("data", "data"), ("lazy", "data"), ("hybrid", "lazy")])
+def test_one_bucket_per_layer_trains_like_one_device(strategy, conv, overlap):
+  got = run_steps(tiny_config(strategy, "butterfly", conv, overlap=overlap, bucket_mb=0), 4)
+  assert_same_trajectory(got, reference(), FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("strategy,conv", [("data", "data"), ("lazy", "data"), ("hybrid", "data")])
+def test_deferred_state_holds_the_weights_one_update_behind(strategy, conv):
+  """Guards the deferral itself: after step t the stored weights are those after t - 1
+  steps and the update of step t is pending; `full_params` applies it."""
+  initial, steps = reference()
+  strategy_ = _make(tiny_config(strategy, "butterfly", conv), 8)
+  state = strategy_.init(jax.random.key(0))
+  assert not bool(state.pending.valid)
+  for t, (images, labels) in enumerate(_batches()):
+    state, _ = strategy_.train_step(
+      state,
+      jax.device_put(images, strategy_.batch_sharding),
+      jax.device_put(labels, strategy_.batch_sharding),
+    )
+    assert bool(state.pending.valid)
+    stored = strategy_.model_state(
+      state.replace(pending=state.pending.replace(valid=jnp.zeros((), bool)))
+    )
+    before = initial if t == 0 else steps[t - 1][1]
+    jax.tree.map(
+      lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+      jax.tree.map(np.asarray, stored.params),
+      before,
+    )
 
 
 BF16_CASES = [

@@ -4,14 +4,22 @@ The equivalence tests show every strategy computes the same numbers; they pass
 just as well when a strategy stores or moves more than it claims. Here:
 
 * layouts, from the initialised state's `addressable_shards` (and the same
-  shapes from `abstract_state()`): `lazy` stores every kernel and its momentum
-  trace as exactly 1/N of the zero-padded flat array per device, biases
-  replicated; `data` replicates everything; `hybrid` splits FC1's kernel by
+  shapes from `abstract_state()`): `lazy` stores every parameter and its
+  momentum trace as exactly 1/N of the zero-padded flat array per device;
+  `data` replicates everything; the pending update of `overlap='deferred'`
+  holds 1/N of every gradient per device; `hybrid` splits FC1's kernel by
   columns and FC2's by rows, 1/N per device; `gspmd` splits FC1/FC2 per the
   logical-axis rules.
 * traffic, from the compiled step's collective ops: `hybrid` moves
   activations (bytes that grow with the batch) and far fewer bytes than the FC
   weight gradients `data` all-reduces.
+* overlap, from the lowered (StableHLO) step in program order: every bucket's
+  reduce-scatter is issued inside backward, before its last convolution; with
+  `overlap='deferred'` the parameter / gradient all-gathers of later buckets
+  come after the first forward convolution (each bucket is fetched one bucket
+  ahead of its use, an `optimization_barrier` on the activation: XLA:CPU
+  expands barriers before it schedules, so the compiled CPU order says nothing
+  here; the GPU compile keeps them, see experiments/compile_gpu.py).
 * precision: with model.dtype='bfloat16' every convolution and matmul of the
   step takes bf16 operands. Read from the lowered (StableHLO) program: XLA:CPU
   itself rewrites bf16 convolutions and dots to f32 when it compiles, a
@@ -104,18 +112,36 @@ def assert_lazy(x, n, full, what):
 @pytest.mark.parametrize(
   "strategy,conv,n", [("lazy", "data", 8), ("lazy", "data", 6), ("hybrid", "lazy", 4)]
 )
-def test_lazy_stores_every_kernel_and_its_momentum_as_one_nth(strategy, conv, n):
+def test_lazy_stores_every_parameter_and_its_momentum_as_one_nth(strategy, conv, n):
   s = _strategy(_config(strategy, conv, batch=24), n)
   params, trace, full = _stored(s, n)
   params, trace, full = _leaves(params), _leaves(trace), _leaves(full)
-  lazy_layers = [k for k in params if "kernel" in k and (strategy == "lazy" or "convs" in k)]
-  assert len(lazy_layers) == (5 if strategy == "lazy" else 2)
-  for key in lazy_layers:
+  lazy = [k for k in params if strategy == "lazy" or "convs" in k]
+  assert len(lazy) == (10 if strategy == "lazy" else 4)
+  for key in lazy:
     assert_lazy(params[key], n, full[key], f"params{key}")
     assert_lazy(trace[key], n, np.zeros_like(full[key]), f"momentum{key}")
-  for key in (k for k in params if "bias" in k and (strategy == "lazy" or "convs" in k)):
-    assert_replicated(params[key], full[key].shape, key)
-    assert_replicated(trace[key], full[key].shape, key)
+
+
+@pytest.mark.parametrize("strategy,conv", [("data", "data"), ("lazy", "data"), ("hybrid", "data")])
+def test_pending_update_holds_one_nth_of_every_gradient(strategy, conv):
+  """overlap='deferred': what a step leaves for the next is 1/N of the gradients per device."""
+  n = 8
+  config = _config(strategy, conv, batch=8)
+  s = _strategy(config, n)
+  state = s.init(jax.random.key(0))
+  images = jax.device_put(np.zeros((8, 8, 8, 3), np.uint8), s.batch_sharding)
+  labels = jax.device_put(np.zeros(8, np.int32), s.batch_sharding)
+  state, _ = s.train_step(state, images, labels)
+  assert bool(state.pending.valid)
+  full = _leaves(s.param_shapes)
+  for key, g in _leaves(state.pending.grads).items():
+    size = math.prod(full[key].shape)
+    per_device = g.addressable_shards[0].data.size
+    assert per_device <= math.ceil(size / n), (key, per_device, size)
+  none = _config(strategy, conv, batch=8)
+  none.parallel.overlap = "none"
+  assert _strategy(none, n).init(jax.random.key(0)).pending is None
 
 
 def test_data_replicates_everything():
@@ -171,8 +197,11 @@ def collective_bytes(hlo: str) -> int:
 _WIDE_FC = VGGSpec(stages=((4,), (8,)), fc=(256, 256), num_classes=10, image_size=8)
 
 
-def _compiled_step_text(strategy, batch, n=8, model=None, dtype="float32", compiled=True):
+def _compiled_step_text(
+  strategy, batch, n=8, model=None, dtype="float32", compiled=True, **parallel
+):
   c = _config(strategy, dtype=dtype, batch=batch)
+  c.parallel.update(parallel)
   s = _strategy(c, n, model)
   images = jax.ShapeDtypeStruct((batch, 8, 8, 3), jnp.uint8, sharding=s.batch_sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=s.batch_sharding)
@@ -194,6 +223,48 @@ def test_hybrid_moves_activations_not_fc_weight_gradients():
   assert hybrid[32] - hybrid[8] == pytest.approx(24 * per_example, rel=0.01), hybrid
   assert hybrid[8] < fc_weight_grads / 10, (hybrid, fc_weight_grads)
   assert data >= fc_weight_grads, (data, fc_weight_grads)
+
+
+# --- overlap -----------------------------------------------------------------
+
+_PROGRAM_OP = re.compile(r"= \"?stablehlo\.(convolution|all_gather|reduce_scatter)")
+
+
+def _program_order(strategy, overlap, conv="data"):
+  """Convolutions and collectives of the lowered step, in program order (algorithm xla:
+  all_gather / reduce_scatter are the gradient pipeline's; a bucket per layer)."""
+  text = _compiled_step_text(
+    strategy, 8, compiled=False, collective="xla", conv=conv, overlap=overlap, bucket_mb=0
+  )
+  return _PROGRAM_OP.findall(text)
+
+
+@pytest.mark.parametrize("overlap", ["none", "deferred"])
+@pytest.mark.parametrize("strategy", ["data", "lazy"])
+def test_gradients_are_reduce_scattered_during_backward(strategy, overlap):
+  ops = _program_order(strategy, overlap)
+  convs = [i for i, op in enumerate(ops) if op == "convolution"]
+  scatters = [i for i, op in enumerate(ops) if op == "reduce_scatter"]
+  # vgg_tiny: 2 conv layers, 5 buckets (one per layer); backward has 3 convolutions
+  # (conv 1's input gradient, two kernel gradients) after the 2 forward ones. (The
+  # lowered program repeats some reduce-scatters; XLA keeps one of each.)
+  assert len(convs) == 5 and len(scatters) >= 5, ops
+  # The FC and conv-1 buckets' reduce-scatters come before conv 0's kernel gradient.
+  assert scatters[0] < convs[2] and sum(i < convs[-1] for i in scatters) >= 3, ops
+
+
+@pytest.mark.parametrize("strategy", ["data", "lazy"])
+def test_deferred_fetches_buckets_during_the_forward_pass(strategy):
+  deferred = _program_order(strategy, "deferred")
+  first_conv = deferred.index("convolution")
+  gathers = [i for i, op in enumerate(deferred) if op == "all_gather"]
+  assert len(gathers) == 5, deferred  # one per bucket: the update's (data) or the weights' (lazy)
+  assert sum(i > first_conv for i in gathers) >= 3, deferred
+  # The contrast: without overlap, data's all-gathers all follow the backward pass.
+  if strategy == "data":
+    none = _program_order(strategy, "none")
+    last_conv = len(none) - 1 - none[::-1].index("convolution")
+    assert all(i > last_conv for i, op in enumerate(none) if op == "all_gather"), none
 
 
 # --- precision ---------------------------------------------------------------

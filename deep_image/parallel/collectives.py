@@ -30,9 +30,11 @@ sends 2(N-1)/N of the buffer: the bandwidth optimum.
 Butterfly needs a power-of-two N; on any other N it falls back to `ring`
 (logged once), so a config that names butterfly still runs on, say, 6 devices.
 
-`gather_params` / `scatter_partials` pair the two with `jax.custom_vjp` so that
-autodiff runs *our* collective in backward: the transpose of an all-gather is
-a reduce-scatter (the lazy update), and vice versa (the hybrid FC block).
+`all_gather_with_scatter_grad` / `reduce_scatter_with_gather_grad` pair the
+two with `jax.custom_vjp` so that autodiff runs *our* collective in backward:
+the transpose of an all-gather is a reduce-scatter, and vice versa. The hybrid
+FC block moves activations with them; parameters and their gradients move in
+buckets (`deep_image.parallel.buckets`).
 """
 
 from __future__ import annotations
@@ -193,12 +195,13 @@ def all_reduce(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") ->
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def gather_params(shard: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
+def all_gather_with_scatter_grad(shard: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
   """All-gather whose backward is the reduce-scatter. [c, ...] -> [N*c, ...].
 
-  Forward: each device's 1/N of a weight is gathered just before use. Backward:
-  the full-size weight gradient of each device is summed and scattered, so each
-  device receives the gradient of exactly the shard it owns (the lazy update).
+  Forward: every device's rows are gathered (e.g. the local batch's features
+  before a tensor-parallel layer). Backward: each device's full-size cotangent
+  is summed over devices and scattered, so each device receives the gradient
+  of exactly the rows it contributed.
   """
   return all_gather(shard, axis_name, algorithm=algorithm)
 
@@ -211,11 +214,11 @@ def _gather_bwd(axis_name, algorithm, _, cotangent):
   return (reduce_scatter(cotangent, axis_name, algorithm=algorithm),)
 
 
-gather_params.defvjp(_gather_fwd, _gather_bwd)
+all_gather_with_scatter_grad.defvjp(_gather_fwd, _gather_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def scatter_partials(x: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
+def reduce_scatter_with_gather_grad(x: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
   """Reduce-scatter whose backward is the all-gather. [N*c, ...] -> [c, ...].
 
   Used where each device holds partial sums of a full-batch activation (FC2
@@ -232,4 +235,4 @@ def _scatter_bwd(axis_name, algorithm, _, cotangent):
   return (all_gather(cotangent, axis_name, algorithm=algorithm),)
 
 
-scatter_partials.defvjp(_scatter_fwd, _scatter_bwd)
+reduce_scatter_with_gather_grad.defvjp(_scatter_fwd, _scatter_bwd)

@@ -14,9 +14,10 @@ FC2    kernel [H1/N, H2]    partial sums over FC1's columns r: [B, H2];
 FC3    kernel [H2, C], all  data parallel: [b, H2] @ [H2, C] -> [b, C]
 =====  ===================  ============================================
 
-The gather and the scatter are `collectives.gather_params` /
-`scatter_partials`: our hand-written collectives, whose VJPs are each other,
-so backward moves activation gradients with the same algorithms. Traffic per
+The gather and the scatter are `collectives.all_gather_with_scatter_grad` and
+`collectives.reduce_scatter_with_gather_grad`: our hand-written collectives,
+whose VJPs are each other, so backward moves activation gradients with the
+same algorithms. Traffic per
 step is activations (B F + B H2), not the FC weight gradients (F H1 + H1 H2).
 
 Dropout masks are those of `VGG.head` for the same global examples
@@ -61,7 +62,7 @@ def tensor_parallel_head(
   b = feats.shape[0]
   n, rank = lax.axis_size(axis), lax.axis_index(axis)
   x = feats.reshape(b, -1).astype(dtype)
-  x = collectives.gather_params(x, axis, algorithm)  # [B, F]
+  x = collectives.all_gather_with_scatter_grad(x, axis, algorithm)  # [B, F]
   drop = dropout_rate > 0.0 and dropout_key is not None
   h1 = x @ fc["fc1"]["kernel"].astype(dtype) + fc["fc1"]["bias"].astype(dtype)
   h1 = jax.nn.relu(h1)  # [B, H1/N]
@@ -76,7 +77,8 @@ def tensor_parallel_head(
     h1 = vgg.apply_dropout(h1, keep, dropout_rate)
   partial = h1 @ fc["fc2"]["kernel"].astype(dtype)  # [B, H2], summed over devices next
   # The bias is added once, after the sum.
-  h2 = collectives.scatter_partials(partial, axis, algorithm) + fc["fc2"]["bias"].astype(dtype)
+  h2 = collectives.reduce_scatter_with_gather_grad(partial, axis, algorithm)
+  h2 = h2 + fc["fc2"]["bias"].astype(dtype)
   h2 = jax.nn.relu(h2)  # [b, H2]
   if drop:
     keep = vgg.dropout_keep_mask(

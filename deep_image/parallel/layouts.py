@@ -82,5 +82,5 @@ def local_for_use(
   """
   if layout.kind != "lazy":
     return local
-  full = collectives.gather_params(local, axis, algorithm)
+  full = collectives.all_gather_with_scatter_grad(local, axis, algorithm)
   return full[: math.prod(shape)].reshape(shape)

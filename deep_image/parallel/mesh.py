@@ -128,6 +128,31 @@ PATIENT_COLLECTIVES = (
 )
 
 
+# XLA GPU flags that let collectives run asynchronously and overlap compute (the
+# deferred gradient pipeline, `deep_image.parallel.buckets`). The one place they are
+# set: `add_gpu_overlap_flags`, called by `configure_host_devices` before JAX starts.
+# They are DebugOptions every jaxlib parses, and only GPU compiles read them.
+GPU_OVERLAP_FLAGS = (
+  # Schedule async collective start/done pairs around independent compute.
+  "--xla_gpu_enable_latency_hiding_scheduler=true",
+  # Gradient buckets are already sized (parallel.bucket_mb): combining the
+  # reduce-scatters of several buckets would wait for the last of them.
+  "--xla_gpu_reduce_scatter_combine_threshold_bytes=0",
+  "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+)
+
+
+def add_gpu_overlap_flags(environ=os.environ) -> None:
+  """Append `GPU_OVERLAP_FLAGS` to XLA_FLAGS, each unless XLA_FLAGS already sets it.
+
+  Call before JAX initialises its backends (flags are read once).
+  """
+  flags = environ.get("XLA_FLAGS", "")
+  present = {f.split("=")[0] for f in flags.split()}
+  extra = [f for f in GPU_OVERLAP_FLAGS if f.split("=")[0] not in present]
+  environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
 def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   """Simulate `num_devices` CPU devices in all, unless XLA_FLAGS already fixes the count.
 
@@ -138,9 +163,11 @@ def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   Simulated devices share the host's cores, and a CPU collective is a rendezvous
   of all of them: on a loaded machine one can wait longer than XLA's default 40 s
   and abort the process. Unless XLA_FLAGS sets them, the rendezvous timeouts are
-  raised to `PATIENT_COLLECTIVES`. (A collective that never completes is another
+  raised to `PATIENT_COLLECTIVES`; the GPU overlap flags are added
+  (`add_gpu_overlap_flags`). (A collective that never completes is another
   matter: see `wait_each_step` in `deep_image/train/loop.py`.)
   """
+  add_gpu_overlap_flags()
   flags = os.environ.get("XLA_FLAGS", "")
   if "collective_call_terminate_timeout" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {PATIENT_COLLECTIVES}".strip()

@@ -5,15 +5,37 @@ strategy params and optimizer state                gradient synchronization
 ======== ========================================== ==============================
 gspmd    Flax partition specs (FC1/FC2 split on     XLA's own (jax.jit + GSPMD)
          'model', the rest replicated)
-data     replicated                                 one reduce-scatter + all-gather
-                                                    of all gradients after backward
-lazy     1/N of every kernel per device (biases     each kernel all-gathered just
-         replicated: 0.01% of the weights)          before use; its gradient
-                                                    reduce-scattered as backward
-                                                    reaches it; local-shard update
-hybrid   conv as data or lazy (parallel.conv);      FC activations gathered /
-         FC1/FC2 split across all devices           scattered (fc_block.py)
+data     replicated                                 per bucket: reduce-scatter in
+                                                    backward, all-gather + update
+                                                    before the bucket's next use
+lazy     1/N of every parameter per device          per bucket: all-gather before
+                                                    use, reduce-scatter in
+                                                    backward, local-shard update
+hybrid   conv as data or lazy (parallel.conv);      conv buckets as data / lazy;
+         FC1/FC2 split across all devices           FC activations gathered /
+                                                    scattered (fc_block.py)
 ======== ========================================== ==============================
+
+The shard_map strategies synchronize gradients in buckets of consecutive
+layers (`deep_image.parallel.buckets`, `parallel.bucket_mb`): each bucket's
+reduce-scatter is issued inside the backward pass as soon as its layers are
+done. `parallel.overlap` then says when the rest of the synchronization runs:
+
+=========  ====================================================================
+overlap    after backward                       at the start of the next step
+=========  ====================================================================
+none       all-gather (data) + update, all      -
+           buckets
+deferred   -                                    per bucket, just before its
+                                                first layer: all-gather (data)
+                                                + update, then the lazy gather
+=========  ====================================================================
+
+With `deferred` the state carries the reduced gradient chunks
+(`TrainState.pending`, 1/N of the parameters per device), so the all-gathers
+of one step overlap the forward pass of the next. Both give the same SGD step
+for step (tests/test_equivalence.py); `full_params` and checkpoints restored
+into another layout apply the pending update.
 
 All four compute the same function: a step on N devices with global batch B
 equals a step on one device with batch B (tests/test_equivalence.py). Every
@@ -41,19 +63,19 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deep_image.config_error import ConfigError
 from deep_image.models import losses
-from deep_image.models.vgg import MODELS, VGG
-from deep_image.parallel import collectives, fc_block, layouts
+from deep_image.models.vgg import MODELS, VGG, conv_layer_names
+from deep_image.parallel import buckets, collectives, fc_block, layouts
 from deep_image.parallel import mesh as mesh_lib
-from deep_image.parallel.train_state import TrainState
+from deep_image.parallel.train_state import PendingUpdate, TrainState
 
 STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
 CONV_MODES = ("data", "lazy")
+OVERLAPS = ("none", "deferred")
 
 
 def validate_parallel_config(config, num_devices: int) -> None:
@@ -71,6 +93,10 @@ def validate_parallel_config(config, num_devices: int) -> None:
   collectives.resolve_algorithm(par.collective, 2)
   if par.strategy == "hybrid" and par.conv not in CONV_MODES:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
+  if par.overlap not in OVERLAPS:
+    raise ConfigError(f"parallel.overlap={par.overlap!r} must be one of {OVERLAPS}")
+  if not par.bucket_mb >= 0:
+    raise ConfigError(f"parallel.bucket_mb={par.bucket_mb!r} must be >= 0 (0: a bucket per layer)")
   names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
   n = math.prod(sizes)
   if par.strategy != "gspmd" and sum(s > 1 for s in sizes) > 1:
@@ -163,6 +189,7 @@ class Strategy(abc.ABC):
       nn.get_partition_spec(self._boxed_shapes), mesh, mesh_lib.logical_rules(config.parallel, mesh)
     )
     self._train_step = None
+    self._model_state = None
 
   def init(self, rng: jax.Array) -> TrainState:
     """A fresh state in this strategy's layout.
@@ -178,7 +205,7 @@ class Strategy(abc.ABC):
 
     def initial_state(full_params):
       stored = self._to_stored(full_params)
-      return TrainState(jnp.zeros((), jnp.int32), stored, self.tx.init(stored))
+      return TrainState(jnp.zeros((), jnp.int32), stored, self.tx.init(stored), self._no_pending())
 
     return jax.jit(initial_state, out_shardings=self.state_shardings())(full)
 
@@ -191,7 +218,9 @@ class Strategy(abc.ABC):
     """ShapeDtypeStructs of the state leaves."""
     stored = self._stored_param_shapes()
     opt = jax.eval_shape(self.tx.init, stored)
-    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), stored, opt)
+    return TrainState(
+      jax.ShapeDtypeStruct((), jnp.int32), stored, opt, jax.eval_shape(self._no_pending)
+    )
 
   def state_shardings(self) -> TrainState:
     """NamedShardings of every state leaf; optimizer state laid out like the params."""
@@ -203,7 +232,14 @@ class Strategy(abc.ABC):
       param_shardings,
       transform_non_params=lambda _: self.replicated,
     )
-    return TrainState(self.replicated, param_shardings, opt)
+    return TrainState(self.replicated, param_shardings, opt, self._pending_shardings())
+
+  def _no_pending(self) -> PendingUpdate | None:
+    """The `TrainState.pending` of a state with nothing to apply (None: never deferred)."""
+    return None
+
+  def _pending_shardings(self) -> PendingUpdate | None:
+    return None
 
   def train_step(
     self, state: TrainState, images: jax.Array, labels: jax.Array, augment: dict | None = None
@@ -252,7 +288,20 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def full_params(self, state: TrainState):
-    """The parameter tree in the model's own layout."""
+    """The weights after `state.step` steps (a pending update applied), model layout."""
+
+  def model_state(self, state: TrainState) -> TrainState:
+    """The whole state in the model's layout, a pending update applied (tools and tests).
+
+    Every device then holds the full optimizer state: for evaluation use `full_params`.
+    """
+    if self._model_state is None:  # built once: a fresh lambda per call would recompile
+      self._model_state = jax.jit(lambda s: apply_pending(self.tx, self._model_layout(s)))
+    return self._model_state(state)
+
+  def _model_layout(self, state: TrainState) -> TrainState:
+    """Stored layout -> the model's (traced inside jit; global arrays)."""
+    return state
 
   @abc.abstractmethod
   def _build_train_step(self):
@@ -269,16 +318,20 @@ class Strategy(abc.ABC):
     needs (`deep_image.train.checkpoint`): every parameter, and every
     optimizer leaf shaped like one (momentum), is laid out as `init` would lay
     it out, by one jitted program with this strategy's state shardings.
+    A pending update (`TrainState.pending`, its gradients in the model's layout)
+    is applied first.
     """
     param_layouts, n = self._param_layouts(), self.mesh.size
 
     def lay_out(full: TrainState) -> TrainState:
+      full = apply_pending(self.tx, full)
+
       def stored(x, layout):
         return layouts.to_stored(x, layout, n)
 
       params = jax.tree.map(stored, full.params, param_layouts)
       opt_state = optax.tree_map_params(self.tx, stored, full.opt_state, param_layouts)
-      return TrainState(full.step, params, opt_state)
+      return TrainState(full.step, params, opt_state, self._no_pending())
 
     return jax.jit(lay_out, out_shardings=self.state_shardings())(state)
 
@@ -353,12 +406,17 @@ class GSPMDStrategy(Strategy):
 class ShardMapStrategy(Strategy):
   """data / lazy / hybrid: an explicit shard_map program over one mesh axis.
 
-  `layout_of(path, shape)` gives each parameter's `layouts.Layout`; the step
-  (1) turns stored parts into usable weights (gathering LAZY ones), (2) runs
-  the forward pass (the model, or conv + `fc_block` when FC weights are split),
-  (3) all-reduces the gradients of REPLICATED parameters as one flat buffer
-  (reduce-scatter + all-gather: butterfly synchronization), and (4) updates
-  each device's stored part.
+  `layout_of(path, shape)` gives each parameter's `layouts.Layout`. One step:
+
+  1. (deferred) apply the pending update: per bucket of replicated
+     parameters, all-gather the reduced gradient chunks; then one optimizer
+     update of every stored part;
+  2. forward: per lazy bucket one all-gather of the stored shards; the model,
+     or conv + `fc_block` when FC weights are split;
+  3. backward: each bucket's `buckets.sync_point` reduce-scatters its
+     gradients as soon as backward has passed its layers; split parameters'
+     gradients are complete on their devices;
+  4. (none) apply the update now, as in 1; (deferred) keep it pending.
   """
 
   def __init__(self, config, model, tx, mesh, name: str, layout_of: Callable, preprocess=None):
@@ -366,13 +424,29 @@ class ShardMapStrategy(Strategy):
     self.name = name
     (self.axis,) = [a for a in mesh.axis_names if mesh.shape[a] > 1] or [mesh.axis_names[0]]
     self.n = mesh.shape[self.axis]
-    self.algorithm = config.parallel.collective
+    par = config.parallel
+    self.algorithm = par.collective
+    self.deferred = par.overlap == "deferred"
     self.layouts = jax.tree_util.tree_map_with_path(
       lambda path, x: layout_of(_path_names(path), x.shape), self.param_shapes
     )
-    self.tensor_parallel_fc = any(
-      lo.kind == "split" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)
+    # Where the reduced gradient of each parameter lives between steps: 1/N per device.
+    self.pending_layouts = jax.tree.map(
+      lambda lo: layouts.LAZY if lo.kind == "replicated" else lo, self.layouts, is_leaf=_is_layout
     )
+    self._treedef = jax.tree.structure(self.param_shapes)
+    paths_shapes = jax.tree_util.tree_leaves_with_path(self.param_shapes)
+    self._leaf_shapes = [x.shape for _, x in paths_shapes]
+    self._leaf_layouts = jax.tree.leaves(self.layouts, is_leaf=_is_layout)
+    self.buckets = buckets.plan(
+      [*conv_layer_names(model.spec), "fc1", "fc2", "fc3"],
+      [_path_names(p)[0] for p, _ in paths_shapes],
+      self._leaf_layouts,
+      [math.prod(shape) for shape in self._leaf_shapes],
+      self.n,
+      par.bucket_mb * 2**20,
+    )
+    self.tensor_parallel_fc = any(lo.kind == "split" for lo in self._leaf_layouts)
     self._to_full = None
 
   # --- layout of the state -------------------------------------------------
@@ -385,12 +459,38 @@ class ShardMapStrategy(Strategy):
     )
 
   def _stored_param_shardings(self):
+    # stored_spec depends on the stored rank: a lazy leaf is 1-D.
     return jax.tree.map(
       lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
       self.layouts,
       self._stored_param_shapes(),
       is_leaf=_is_layout,
     )
+
+  def _no_pending(self) -> PendingUpdate | None:
+    if not self.deferred:
+      return None
+    grads = jax.tree.map(
+      lambda lo, x: jnp.zeros(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
+      self.pending_layouts,
+      self.param_shapes,
+      is_leaf=_is_layout,
+    )
+    return PendingUpdate(grads, jnp.zeros((), bool))
+
+  def _pending_shardings(self) -> PendingUpdate | None:
+    if not self.deferred:
+      return None
+    grads = jax.tree.map(
+      lambda lo, x: NamedSharding(
+        self.mesh,
+        layouts.stored_spec(lo, len(layouts.stored_shape(lo, x.shape, self.n)), self.axis),
+      ),
+      self.pending_layouts,
+      self.param_shapes,
+      is_leaf=_is_layout,
+    )
+    return PendingUpdate(grads, self.replicated)
 
   def _full_param_shardings(self):
     """Model-layout parameters: split ones as stored, the rest replicated."""
@@ -412,34 +512,54 @@ class ShardMapStrategy(Strategy):
   def _param_layouts(self):
     return self.layouts
 
+  def _model_layout(self, state: TrainState) -> TrainState:
+    """Stored layout -> the model's (traced inside jit; global arrays)."""
+
+    def full(x, lo, shape):
+      return layouts.to_full(x, lo, shape.shape)
+
+    params = jax.tree.map(full, state.params, self.layouts, self.param_shapes, is_leaf=_is_layout)
+    opt_state = optax.tree_map_params(
+      self.tx, full, state.opt_state, self.layouts, self.param_shapes
+    )
+    pending = state.pending
+    if pending is not None:
+      grads = jax.tree.map(
+        full,
+        pending.grads,
+        self.pending_layouts,
+        self.param_shapes,
+        is_leaf=_is_layout,
+      )
+      pending = PendingUpdate(grads, pending.valid)
+    return TrainState(state.step, params, opt_state, pending)
+
   def full_params(self, state: TrainState):
+    """The weights after `state.step` steps (a pending update applied), model layout."""
     if self._to_full is None:  # built once: a fresh lambda per call would recompile
       self._to_full = jax.jit(
-        lambda p: jax.tree.map(
-          lambda lo, x, shape: layouts.to_full(x, lo, shape.shape),
-          self.layouts,
-          p,
-          self.param_shapes,
-          is_leaf=_is_layout,
-        ),
+        lambda s: apply_pending(self.tx, self._model_layout(s)).params,
         out_shardings=self._full_param_shardings(),
       )
-    return self._to_full(state.params)
+    return self._to_full(state)
 
   # --- the step ------------------------------------------------------------
-  def _forward(self, params, images, dropout_key, example_ids):
+  def _forward(self, feed: "_LayerFeed", images, dropout_key, example_ids):
     """Per-device forward on the local batch; returns logits [b, classes].
 
+    Each layer takes its parameters from `feed` when it is called (a Flax method
+    interceptor), so a bucket is prepared where its first layer runs.
     example_ids [b]: the global batch indices of the local rows (dropout masks).
     """
     model, rate = self.model, self.model.dropout_rate
-    if not self.tensor_parallel_fc:
-      return model.apply(
-        {"params": params}, images, train=True, dropout_key=dropout_key, example_ids=example_ids
-      )
-    feats = model.apply({"params": params}, images, method=VGG.features)
+    with nn.intercept_methods(feed.intercept):
+      if not self.tensor_parallel_fc:
+        return model.apply(
+          {"params": {}}, images, train=True, dropout_key=dropout_key, example_ids=example_ids
+        )
+      feats = model.apply({"params": {}}, images, method=VGG.features)
     return fc_block.tensor_parallel_head(
-      {k: params[k] for k in ("fc1", "fc2", "fc3")},
+      {k: feed.layer(k, feats) for k in ("fc1", "fc2", "fc3")},
       feats,
       axis=self.axis,
       algorithm=self.algorithm,
@@ -448,63 +568,151 @@ class ShardMapStrategy(Strategy):
       dropout_key=dropout_key,
     )
 
-  def _sync_replicated(self, grads):
-    """All-reduce (sum) the gradients of REPLICATED parameters as one flat buffer."""
-    leaves, treedef = jax.tree.flatten(grads)
-    is_rep = [lo.kind == "replicated" for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)]
-    rep = [g for g, r in zip(leaves, is_rep, strict=True) if r]
-    if not rep or self.n == 1:
-      return grads
-    flat, unravel = ravel_pytree(rep)
-    synced = iter(unravel(collectives.all_reduce(flat, self.axis, algorithm=self.algorithm)))
-    return jax.tree.unflatten(
-      treedef, [next(synced) if r else g for g, r in zip(leaves, is_rep, strict=True)]
+  def _apply_pending_local(self, params, opt_state, pending: PendingUpdate):
+    """Inside shard_map: one optimizer update of the stored parts with the pending gradients.
+
+    Replicated parameters need their whole gradient: one all-gather per bucket of
+    chunks. Lazy and split parts update with their own part of the gradient.
+    """
+    grads = jax.tree.leaves(pending.grads)
+    for bucket in self.buckets:
+      if bucket.kind == "replicated":
+        flats = buckets.gather([grads[i] for i in bucket.leaves], self.axis, self.algorithm)
+        for i, flat in zip(bucket.leaves, flats, strict=True):
+          shape = self._leaf_shapes[i]
+          grads[i] = flat[: math.prod(shape)].reshape(shape)
+    return _apply_updates(
+      self.tx, jax.tree.unflatten(self._treedef, grads), opt_state, params, pending.valid
     )
 
-  def _global_norm(self, tree) -> jax.Array:
-    """L2 norm of the full (model-layout) tree from this device's stored parts.
+  def _norms(self, params, opt_state, grads) -> dict:
+    """grad_norm, param_norm (after the update) and update_norm of the full model.
 
-    LAZY and split leaves hold disjoint parts (lazy padding is zero): their
-    squares are summed over the axis; replicated leaves are counted once.
+    Computed on this device's 1/N part of everything (replicated parameters cut to
+    their chunk): the update of the parts is the part of the update (elementwise
+    optimizer), and the parts are disjoint, so one psum of squares gives each norm.
     """
-    kinds = [lo.kind for lo in jax.tree.leaves(self.layouts, is_leaf=_is_layout)]
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    local = sum((sq for sq, k in zip(squares, kinds, strict=True) if k == "replicated"), 0.0)
-    parts = sum((sq for sq, k in zip(squares, kinds, strict=True) if k != "replicated"), 0.0)
-    return jnp.sqrt(local + lax.psum(parts, self.axis))
+    axis = self.axis
+
+    def part(x, lo):
+      return buckets.chunk_of(x, axis) if lo.kind == "replicated" else x
+
+    params = jax.tree.map(part, params, self.layouts)
+    opt_state = optax.tree_map_params(self.tx, part, opt_state, self.layouts)
+    updates, _ = self.tx.update(grads, opt_state, params)
+    parts = (grads, optax.apply_updates(params, updates), updates)
+    squares = [
+      sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t)) for t in parts
+    ]
+    grad_norm, param_norm, update_norm = jnp.sqrt(lax.psum(jnp.stack(squares), axis))
+    return dict(grad_norm=grad_norm, param_norm=param_norm, update_norm=update_norm)
+
+  def _update_some(self, leaf_ids, grads, params, opt_state, valid):
+    """The optimizer update of the leaves `leaf_ids` only (their gradients `grads`).
+
+    One `tx.update` over the whole tree, the other leaves given their own values
+    as gradients: XLA drops what is not used, so the program updates just these
+    leaves, and each bucket's update can run where the bucket is needed.
+    Returns (their new stored parts, the new optimizer state's flat leaves).
+    """
+    full = jax.tree.leaves(params)
+    for i, g in zip(leaf_ids, grads, strict=True):
+      full[i] = g
+    new_params, new_opt = _apply_updates(
+      self.tx, jax.tree.unflatten(self._treedef, full), opt_state, params, valid
+    )
+    new_leaves = jax.tree.leaves(new_params)
+    return [new_leaves[i] for i in leaf_ids], jax.tree.leaves(new_opt)
+
+  def _opt_owners(self) -> list[int]:
+    """For each flat optimizer-state leaf, the index of its parameter leaf (-1: none)."""
+    index_tree = jax.tree.unflatten(self._treedef, list(range(len(self._leaf_shapes))))
+    owners = optax.tree_map_params(
+      self.tx,
+      lambda _, i: i,
+      jax.eval_shape(self.tx.init, self._stored_param_shapes()),
+      index_tree,
+      transform_non_params=lambda _: -1,
+    )
+    return jax.tree.leaves(owners)
 
   def _build_train_step(self):
-    tx, batch, axis = self.tx, self.global_batch, self.axis
-    dropout_key = self.dropout_key
+    batch, axis, algorithm = self.global_batch, self.axis, self.algorithm
+    dropout_key, leaf_shapes = self.dropout_key, self._leaf_shapes
+    split_ids = [i for i, lo in enumerate(self._leaf_layouts) if lo.kind == "split"]
+    opt_owners = self._opt_owners()
+    group_of = {i: g for g, bucket in enumerate(self.buckets) for i in bucket.leaves}
+    group_of.update({i: len(self.buckets) for i in split_ids})
 
     def local_step(state: TrainState, images, labels):
       step_key = jax.random.fold_in(dropout_key, state.step)
       b = images.shape[0]
       example_ids = lax.axis_index(axis) * b + jnp.arange(b)
-
-      def loss_fn(stored):
-        params = jax.tree.map(
-          lambda lo, x, shape: layouts.local_for_use(x, lo, shape.shape, axis, self.algorithm),
-          self.layouts,
-          stored,
-          self.param_shapes,
-          is_leaf=_is_layout,
+      params, opt_state, pending = state.params, state.opt_state, state.pending
+      stored = jax.tree.leaves(params)
+      chunks = None if pending is None else jax.tree.leaves(pending.grads)
+      split_leaves = [stored[i] for i in split_ids]
+      new_opt = {}  # group -> flat optimizer leaves after its update
+      if pending is not None and split_ids:  # complete on their devices: nothing to gather
+        split_leaves, new_opt[len(self.buckets)] = self._update_some(
+          split_ids, [chunks[i] for i in split_ids], params, opt_state, pending.valid
         )
-        logits = self._forward(params, images, step_key, example_ids)
-        loss_sum, sums = losses.loss_and_counts(logits, labels)
-        return loss_sum / batch, sums
 
-      grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-      grads = self._sync_replicated(grads)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      def prepare(k: int, after: jax.Array):
+        """Bucket k's stored parts after the update, and the optimizer leaves; starts after
+        `after`."""
+        bucket = self.buckets[k]
+        parts = [stored[i] for i in bucket.leaves]
+        grads = None if pending is None else [chunks[i] for i in bucket.leaves]
+        # Not before the activation `after` exists: the bucket is fetched one bucket
+        # ahead of its use, not all at the start of the step (overlap, and memory).
+        parts, grads, _ = lax.optimization_barrier((parts, grads, after))
+        new_opt_k = None
+        if pending is not None:
+          if bucket.kind == "replicated":  # the all-gather half of the synchronization
+            flats = buckets.gather(grads, axis, algorithm)
+            grads = [
+              flat[: math.prod(leaf_shapes[i])].reshape(leaf_shapes[i])
+              for i, flat in zip(bucket.leaves, flats, strict=True)
+            ]
+          parts, new_opt_k = self._update_some(
+            bucket.leaves, grads, params, opt_state, pending.valid
+          )
+        return parts, new_opt_k
+
+      def loss_fn(slots, split_leaves):
+        feed = _LayerFeed(self, slots, split_ids, split_leaves, prepare)
+        logits = self._forward(feed, images, step_key, example_ids)
+        loss_sum, sums = losses.loss_and_counts(logits, labels)
+        return loss_sum / batch, (sums, feed.new_parts(), feed.new_opt)
+
+      slots = [jnp.zeros((bucket.size,), jnp.float32) for bucket in self.buckets]
+      grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+      (slot_grads, split_grads), (sums, new_parts, bucket_opt) = grad_fn(slots, split_leaves)
+      if pending is not None:  # the state after the update the forward pass used
+        new_opt.update(bucket_opt)
+        for i, x in zip(split_ids, split_leaves, strict=True):
+          new_parts[i] = x
+        params = jax.tree.unflatten(self._treedef, [new_parts[i] for i in range(len(stored))])
+        opt_flat = [
+          new_opt[group_of[owner] if owner >= 0 else next(iter(new_opt))][k]
+          for k, owner in enumerate(opt_owners)
+        ]
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), opt_flat)
+      grads = [None] * len(stored)
+      for bucket, g in zip(self.buckets, slot_grads, strict=True):
+        for i, part in zip(bucket.leaves, buckets.split_chunks(g, bucket.chunks), strict=True):
+          grads[i] = part
+      for i, g in zip(split_ids, split_grads, strict=True):
+        grads[i] = g
+      new_pending = PendingUpdate(jax.tree.unflatten(self._treedef, grads), jnp.ones((), bool))
       # Metrics are a few scalars: the builtin psum is fine here.
       metrics = self._metrics(
-        lax.psum(sums, axis),
-        grad_norm=self._global_norm(grads),
-        param_norm=self._global_norm(params),
-        update_norm=self._global_norm(updates),
+        lax.psum(sums, axis), **self._norms(params, opt_state, new_pending.grads)
       )
+      if self.deferred:
+        return TrainState(state.step + 1, params, opt_state, new_pending), metrics
+      params, opt_state = self._apply_pending_local(params, opt_state, new_pending)
       return TrainState(state.step + 1, params, opt_state), metrics
 
     shardings = self.state_shardings()
@@ -527,6 +735,105 @@ class ShardMapStrategy(Strategy):
       out_shardings=(shardings, self.replicated),
       donate_argnums=0,
     )
+
+
+class _LayerFeed:
+  """Inside the differentiated forward pass: each layer's parameters at its first use.
+
+  When a layer of bucket k is called with input x, buckets k and k + 1 are
+  prepared (`prepare(k, x)`: the update) and passed through their
+  `buckets.sync_point` (lazy buckets: the all-gather), so backward
+  reduce-scatters each bucket's gradients there. So the
+  work for bucket k + 1 can overlap bucket k's layers, and no bucket is
+  gathered before the forward pass is one bucket away from it.
+  """
+
+  def __init__(self, strategy: ShardMapStrategy, slots, split_ids, split_leaves, prepare):
+    self._s, self._slots, self._prepare = strategy, slots, prepare
+    self._usable = dict(zip(split_ids, split_leaves, strict=True))
+    self._parts: dict[int, jax.Array] = {}
+    self.new_opt: dict[int, list] = {}
+    self._done: set[int] = set()
+    self._bucket_of_layer = {
+      layer: k for k, bucket in enumerate(strategy.buckets) for layer in bucket.layers
+    }
+    self._leaves_of_layer: dict[str, list[tuple[int, str]]] = {}
+    for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(strategy.param_shapes)):
+      names = _path_names(path)
+      self._leaves_of_layer.setdefault(names[0], []).append((i, names[-1]))
+    self._busy = False
+
+  def _ensure(self, k: int, after: jax.Array) -> None:
+    if k >= len(self._s.buckets) or k in self._done:
+      return
+    self._done.add(k)
+    bucket = self._s.buckets[k]
+    parts, new_opt = self._prepare(k, after)
+    lazy = bucket.kind == "lazy"
+    gather_to = tuple(self._s._leaf_shapes[i] for i in bucket.leaves) if lazy else None
+    usable = buckets.sync_point(
+      self._slots[k], tuple(parts), self._s.axis, self._s.algorithm, gather_to
+    )
+    self._usable.update(zip(bucket.leaves, usable, strict=True))
+    self._parts.update(zip(bucket.leaves, parts, strict=True))
+    if new_opt is not None:
+      self.new_opt[k] = new_opt
+
+  def layer(self, name: str, x: jax.Array) -> dict:
+    """The parameters {'kernel', 'bias'} layer `name` computes with, given its input x."""
+    k = self._bucket_of_layer.get(name)
+    if k is not None:
+      self._ensure(k, x)
+      self._ensure(k + 1, x)
+    return {key: self._usable[i] for i, key in self._leaves_of_layer[name]}
+
+  def intercept(self, next_fun, args, kwargs, context):
+    """Flax method interceptor: a parameterised layer runs with `layer(...)`'s parameters."""
+    name = context.module.name
+    if self._busy or context.method_name != "__call__" or name not in self._leaves_of_layer:
+      return next_fun(*args, **kwargs)
+    params = self.layer(name, args[0])
+    self._busy = True  # the layer's own __call__ below is not intercepted again
+    try:
+      return context.module.clone(parent=None).apply({"params": params}, *args, **kwargs)
+    finally:
+      self._busy = False
+
+  def new_parts(self) -> dict[int, jax.Array]:
+    """Leaf index -> its stored part as the forward pass used it (after the update)."""
+    missing = [b for b in range(len(self._s.buckets)) if b not in self._done]
+    if missing:
+      raise AssertionError(f"buckets {missing} were never used by the forward pass")
+    return dict(self._parts)
+
+
+def _apply_updates(tx, grads, opt_state, params, valid):
+  """One optimizer step; where `valid` is False, params and optimizer state unchanged.
+
+  The select is elementwise and fuses into the update; it is how the first step of a
+  deferred run, which has no pending gradient yet, skips the update.
+  """
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+
+  def keep(new, old):
+    return jnp.where(valid, new, old)
+
+  return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+
+
+def apply_pending(tx, state: TrainState) -> TrainState:
+  """A state in the model's layout with its pending update applied (traced inside jit).
+
+  The optimizer is elementwise, so applying it to full arrays gives what the
+  next step would apply to its parts.
+  """
+  if state.pending is None:
+    return state
+  params, opt_state = _apply_updates(
+    tx, state.pending.grads, state.opt_state, state.params, state.pending.valid
+  )
+  return TrainState(state.step, params, opt_state)
 
 
 @functools.lru_cache(maxsize=8)
@@ -556,14 +863,8 @@ def _replicated_layout(names, shape) -> layouts.Layout:
 
 
 def _lazy_layout(names, shape) -> layouts.Layout:
-  """Kernels lazy; biases replicated.
-
-  Biases are 0.01% of the weights: sharding them would save nothing, while
-  gathering each one separately would double the lazy update's collectives
-  (on CPU each is a synchronous rendezvous). Their gradients join the one flat
-  all-reduce of the replicated parameters instead.
-  """
-  return layouts.LAZY if names[-1] == "kernel" else layouts.REPLICATED
+  """Every parameter lazy: a bias is gathered with its kernel, in the same bucket."""
+  return layouts.LAZY
 
 
 def _hybrid_layout(conv_layout: Callable):

@@ -8,14 +8,17 @@ a full disk, a lost node) is never seen as a checkpoint:
 =========  ==================================================================
 item       content
 =========  ==================================================================
-state      the `TrainState` (step, params, optimizer state) in the strategy's
-           *stored* layout, every array saved from its own shards (lazy: 1/N
-           flat shards; hybrid: FC1/FC2 split; replicated: one copy)
+state      the `TrainState` (step, params, optimizer state, and with
+           `parallel.overlap='deferred'` the pending update: the last step's
+           reduced gradient chunks) in the strategy's *stored* layout, every
+           array saved from its own shards (lazy: 1/N flat shards; hybrid:
+           FC1/FC2 split; replicated: one copy)
 input      the training input's position, one JSON file per process
            (`process_<i>-of-<n>.json`, Grain's checkpoint handler): a Grain
            iterator's `get_state()` or the device cache's step
-meta       JSON: step, strategy, devices, processes, input kind, the stored
-           shape of every state leaf, and the whole config
+meta       JSON: step, strategy, devices, processes, input kind, whether a
+           pending update is saved, the stored shape of every state leaf, and
+           the whole config
 =========  ==================================================================
 
 Which checkpoints stay: the latest `train.keep_checkpoints`, plus the best by
@@ -29,9 +32,10 @@ Restoring (`restore`):
 - another layout (e.g. `lazy` on 8 devices -> `gspmd` on 4): each leaf is
   read (split over the new devices where its leading dimension divides),
   turned into the model's layout (a lazy leaf is the flattened, zero-padded
-  parameter: its first `size` elements) and laid out for the new strategy,
-  optimizer state included. The input stream restarts its epoch
-  order only when its layout changed too (another process or worker count).
+  parameter: its first `size` elements), a saved pending update is applied,
+  and the result laid out for the new strategy, optimizer state included.
+  The input stream restarts its epoch order only when its layout changed too
+  (another process or worker count).
 In both cases the model and optimizer fields of the saved config must equal
 the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
 that differs.
@@ -55,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
 from deep_image.config_error import ConfigError
-from deep_image.parallel.train_state import TrainState
+from deep_image.parallel.train_state import PendingUpdate, TrainState
 
 # Fields that fix the shapes and the meaning of the saved state: a checkpoint
 # restores only into a config that agrees on all of them.
@@ -217,6 +221,7 @@ class Checkpointer:
       "process_count": jax.process_count(),
       "input": input_source.kind,
       "num_workers": int(config.data.num_workers),
+      "pending": state.pending is not None,
       "stored_shapes": _stored_shapes(state),
       "config": json.loads(config.to_json_best_effort()),
     }
@@ -299,7 +304,12 @@ class Checkpointer:
   def _restore_other_layout(self, step: int, meta: dict, strategy) -> TrainState:
     """Read every leaf, convert stored -> model layout -> the new strategy's stored layout."""
     current = strategy.abstract_state()
-    leaves, treedef = jax.tree.flatten(current)
+    # The saved tree: the current one, with or without a pending update as saved.
+    valid = jax.ShapeDtypeStruct((), bool, sharding=strategy.replicated)
+    pending = PendingUpdate(current.params, valid) if meta.get("pending", False) else None
+    leaves, treedef = jax.tree.flatten(
+      TrainState(current.step, current.params, current.opt_state, pending)
+    )
     if len(leaves) != len(meta["stored_shapes"]):
       raise IncompatibleCheckpoint(
         f"checkpoint {self.step_dir(step)} holds {len(meta['stored_shapes'])} arrays, the "
@@ -334,9 +344,14 @@ class Checkpointer:
       return x.reshape(-1)[: math.prod(full.shape)].reshape(full.shape)
 
     shapes = strategy.param_shapes
+    if saved.pending is not None:
+      pending = PendingUpdate(
+        jax.tree.map(to_model_layout, saved.pending.grads, shapes), saved.pending.valid
+      )
     full = TrainState(
       saved.step,
       jax.tree.map(to_model_layout, saved.params, shapes),
       optax.tree_map_params(strategy.tx, to_model_layout, saved.opt_state, shapes),
+      pending,
     )
     return strategy.state_from_model_layout(full)

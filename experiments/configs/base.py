@@ -71,6 +71,8 @@ data.augment.color_cast.max_shift       20               shift bound (grid -20..
 parallel.strategy                       'hybrid'         'gspmd' | 'data' | 'lazy' | 'hybrid'
 parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
+parallel.overlap                        'deferred'       'none' | 'deferred' (update in next step)
+parallel.bucket_mb                      25.0             MiB of gradients per bucket (0: per layer)
 parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1: the rest
 parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
 parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
@@ -141,6 +143,8 @@ def _job() -> ml_collections.ConfigDict:
   c.parallel.strategy = "hybrid"
   c.parallel.collective = "butterfly"
   c.parallel.conv = "data"
+  c.parallel.overlap = "deferred"
+  c.parallel.bucket_mb = 25.0
   c.parallel.mesh = (("data", -1),)
   c.parallel.model_axes = ()
   c.parallel.shard_fc = True

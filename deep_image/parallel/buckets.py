@@ -1,0 +1,186 @@
+"""Gradient buckets: parameters synchronized together, one collective per bucket.
+
+A bucket is a run of consecutive layers, grouped in *backward* order until it
+holds `parallel.bucket_mb` MiB of parameters, whose synchronized parameters
+(replicated or lazy, `deep_image.parallel.layouts`) share one layout kind. Split
+(tensor-parallel) parameters need no synchronization and are in no bucket.
+
+Inside `shard_map` over an axis of N devices, a bucket of leaves x_1..x_m of
+sizes s_i has per-device chunks c_i = ceil(s_i / N) and C = sum c_i. Every
+collective of a bucket moves one buffer, arranged as rows:
+
+  rows(x_i)  = x_i flattened, zero-padded to N c_i, reshaped [N, c_i]
+  buffer     = concat(rows(x_1), ..., rows(x_m), axis=1)   [N, C]
+
+so row r of the buffer is device r's chunk of every leaf, and chunk r of a
+leaf is exactly what `layouts.LAZY` stores on device r. Then:
+
+======================  =====================================================
+`gather(shards)`        one all-gather: device r's [C] (its chunks) ->
+                        every leaf's flat, padded [N c_i] on every device
+`sync_point(slot, xs)`  identity on the usable leaves xs; in backward, one
+                        reduce-scatter of their cotangents' [N, C] buffer, so
+                        the cotangent of `slot` [C] is device r's chunk of
+                        every leaf's gradient summed over devices
+======================  =====================================================
+
+The sync point is where the overlap comes from: backward reaches it as soon as
+the bucket's layers are done, so the bucket's reduce-scatter is issued while
+the layers before it still run backward, not after the whole backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from deep_image.parallel import collectives, layouts
+
+SYNCED_KINDS = ("replicated", "lazy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """Leaves synchronized together.
+
+  Attributes:
+    kind: 'replicated' or 'lazy': the layout of every leaf in the bucket.
+    layers: the layers' names, forward order.
+    leaves: indices of the leaves in `jax.tree.leaves(params)`, forward order.
+    chunks: c_i, each leaf's per-device chunk (elements).
+  """
+
+  kind: str
+  layers: tuple[str, ...]
+  leaves: tuple[int, ...]
+  chunks: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    """C: elements per device of the bucket's buffer."""
+    return sum(self.chunks)
+
+
+def plan(
+  layer_order: list[str],
+  leaf_layers: list[str],
+  leaf_layouts: list[layouts.Layout],
+  leaf_sizes: list[int],
+  n: int,
+  bucket_bytes: float,
+  bytes_per_element: int = 4,
+) -> tuple[Bucket, ...]:
+  """Buckets in forward order (the first holds the first layers).
+
+  Args:
+    layer_order: layer names, forward order (every name in leaf_layers).
+    leaf_layers / leaf_layouts / leaf_sizes: per leaf (tree-leaves order) its
+      layer, layout and number of elements.
+    n: devices on the axis.
+    bucket_bytes: a bucket is closed before a layer that would take it past
+      this many bytes (a larger layer gets a bucket of its own; 0: one layer
+      per bucket); a change of layout kind also closes it.
+  """
+  rank = {name: i for i, name in enumerate(layer_order)}
+  by_layer: dict[str, list[int]] = {}
+  for i, (layer, layout) in enumerate(zip(leaf_layers, leaf_layouts, strict=True)):
+    if layout.kind in SYNCED_KINDS:
+      by_layer.setdefault(layer, []).append(i)
+  groups: list[list[str]] = []  # layers per bucket, backward order
+  kind, used = None, 0.0
+  for layer in sorted(by_layer, key=rank.__getitem__, reverse=True):
+    kinds = {leaf_layouts[i].kind for i in by_layer[layer]}
+    if len(kinds) > 1:
+      raise ValueError(f"layer {layer!r} mixes parameter layouts {sorted(kinds)} in one bucket")
+    (layer_kind,) = kinds
+    size = sum(leaf_sizes[i] for i in by_layer[layer]) * bytes_per_element
+    if not groups or layer_kind != kind or used + size > bucket_bytes:
+      groups.append([])
+      kind, used = layer_kind, 0.0
+    groups[-1].append(layer)
+    used += size
+  buckets = []
+  for group in reversed(groups):
+    layers = tuple(reversed(group))
+    leaves = tuple(i for layer in layers for i in by_layer[layer])
+    buckets.append(
+      Bucket(
+        kind=leaf_layouts[leaves[0]].kind,
+        layers=layers,
+        leaves=leaves,
+        chunks=tuple(collectives.padded_size(leaf_sizes[i], n) // n for i in leaves),
+      )
+    )
+  return tuple(buckets)
+
+
+def rows(x: jax.Array, n: int) -> jax.Array:
+  """x of any shape -> [N, c]: flattened, zero-padded to N c (the LAZY layout, as rows)."""
+  flat = x.reshape(-1)
+  flat = jnp.pad(flat, (0, collectives.padded_size(flat.size, n) - flat.size))
+  return flat.reshape(n, -1)
+
+
+def chunk_of(x: jax.Array, axis_name: str) -> jax.Array:
+  """Inside shard_map: this device's chunk [c] of a replicated array (its LAZY shard)."""
+  n = jax.lax.axis_size(axis_name)
+  return rows(x, n)[jax.lax.axis_index(axis_name)]
+
+
+def split_chunks(buffer: jax.Array, chunks: tuple[int, ...]) -> list[jax.Array]:
+  """[..., C] -> one [..., c_i] per leaf."""
+  offsets = [0, *itertools.accumulate(chunks)]
+  return [buffer[..., a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def gather(shards: list[jax.Array], axis_name: str, algorithm: str) -> list[jax.Array]:
+  """One all-gather for a bucket: device r's chunks [c_i] -> every leaf's flat [N c_i]."""
+  chunks = tuple(s.shape[0] for s in shards)
+  local = jnp.concatenate(shards) if len(shards) > 1 else shards[0]
+  full = collectives.all_gather(local, axis_name, algorithm=algorithm)
+  n = full.shape[0] // local.shape[0]
+  return [r.reshape(-1) for r in split_chunks(full.reshape(n, -1), chunks)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def sync_point(
+  slot: jax.Array, values: tuple, axis_name: str, algorithm: str, gather_to: tuple | None = None
+) -> tuple:
+  """The bucket's leaves for use; backward reduce-scatters their cotangents into `slot`'s.
+
+  Args:
+    slot: zeros [C], float32: differentiate with respect to it to receive this
+      device's chunks of the bucket's summed gradient, [C].
+    values: the bucket's leaves (full shapes), returned as they are; or, with
+      `gather_to` (the leaves' full shapes), this device's chunks [c_i], gathered
+      (`gather`) into arrays of those shapes.
+  """
+  del slot
+  if gather_to is None:
+    return values
+  flats = gather(list(values), axis_name, algorithm)
+  return tuple(
+    flat[: math.prod(shape)].reshape(shape) for flat, shape in zip(flats, gather_to, strict=True)
+  )
+
+
+def _sync_fwd(slot, values, axis_name, algorithm, gather_to):
+  return sync_point(slot, values, axis_name, algorithm, gather_to), None
+
+
+def _sync_bwd(axis_name, algorithm, gather_to, _, cotangents):
+  n = jax.lax.axis_size(axis_name)
+  buffer = jnp.concatenate([rows(ct.astype(jnp.float32), n) for ct in cotangents], axis=1)
+  summed = collectives.reduce_scatter(buffer.reshape(-1), axis_name, algorithm=algorithm)
+  if gather_to is None:
+    return summed, jax.tree.map(jnp.zeros_like, cotangents)
+  chunks = tuple(math.ceil(math.prod(shape) / n) for shape in gather_to)
+  return summed, tuple(jnp.zeros((c,), jnp.float32) for c in chunks)
+
+
+sync_point.defvjp(_sync_fwd, _sync_bwd)
