@@ -1,6 +1,7 @@
 r"""Benchmark one training step: strategies x collectives, SPMD overhead, FLOP/s, memory.
 
-  python -m experiments.benchmark_step [--quick] [--out=benchmarks/step_YYYY-MM-DD.md]
+  python -m experiments.benchmark_step [--quick] [--overlap=deferred|none]
+      [--out=benchmarks/step_YYYY-MM-DD.md]
 
 Four markdown tables (printed, and written to --out):
 
@@ -46,16 +47,25 @@ from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 from experiments.markdown import machine_markdown, table
 
-_QUICK = flags.DEFINE_bool("quick", False, "Fewer repeats (a smoke run, not a measurement).")
-_OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
-_REPEATS = flags.DEFINE_integer("repeats", 30, "Timed rounds per program (--quick: 4).")
-_MODEL = flags.DEFINE_string("model", "vgg_small", "Model of the step-time tables.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Training crop side of --model.")
-_BATCH = flags.DEFINE_integer("batch", 64, "Global batch of the step-time tables.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (ignored if XLA_FLAGS sets it).")
-_MEMORY_MODEL = flags.DEFINE_string("memory_model", "deep_image_16", "Model of the memory table.")
-_MEMORY_BATCH = flags.DEFINE_integer("memory_batch", 64, "Global batch of the memory table.")
-_SKIP_MEMORY = flags.DEFINE_bool("skip_memory", False, "Skip the (slow) memory table.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a script (tests and experiments.benchmark_gpu import this)."""
+  flags.DEFINE_bool("quick", False, "Fewer repeats (a smoke run, not a measurement).")
+  flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
+  flags.DEFINE_integer("repeats", 30, "Timed rounds per program (--quick: 4).")
+  flags.DEFINE_string("model", "vgg_small", "Model of the step-time tables.")
+  flags.DEFINE_integer("image_size", 32, "Training crop side of --model.")
+  flags.DEFINE_integer("batch", 64, "Global batch of the step-time tables.")
+  flags.DEFINE_integer("devices", 8, "Simulated devices (ignored if XLA_FLAGS sets it).")
+  flags.DEFINE_string("memory_model", "deep_image_16", "Model of the memory table.")
+  flags.DEFINE_integer("memory_batch", 64, "Global batch of the memory table.")
+  flags.DEFINE_bool("skip_memory", False, "Skip the (slow) memory table.")
+  flags.DEFINE_enum(
+    "overlap", "deferred", ["none", "deferred"], "parallel.overlap of data / lazy / hybrid."
+  )
+
 
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 # (label, strategy, conv mode of hybrid); every shard_map strategy runs with every algorithm.
@@ -83,7 +93,9 @@ CONV_SHAPE = dict(batch=32, size=56, cin=128, cout=128)
 LAZY_STATE_TOLERANCE = 1.05
 
 
-def make_config(model, image_size, batch, strategy, collective="xla", conv="data", classes=10):
+def make_config(
+  model, image_size, batch, strategy, collective="xla", conv="data", classes=10, overlap=None
+):
   """The base config with the model, batch and parallel strategy of one benchmark program.
 
   Every other field keeps its base value (experiments/configs/base.py), so the config is a
@@ -95,6 +107,8 @@ def make_config(model, image_size, batch, strategy, collective="xla", conv="data
   c.data.train_scale = c.data.eval_scale = max(c.data.train_scale, image_size)
   c.train.batch_size = batch
   c.parallel.strategy, c.parallel.collective, c.parallel.conv = strategy, collective, conv
+  if overlap is not None:  # else the base config's
+    c.parallel.overlap = overlap
   return c
 
 
@@ -222,6 +236,7 @@ def measure_steps(
   repeats: int,
   one_device: bool = True,
   conv_shape: dict | None = None,
+  overlap: str | None = None,
 ) -> dict:
   """Time every config on `devices`, plus gspmd on one device and the reference conv.
 
@@ -231,7 +246,7 @@ def measure_steps(
   runners, flops, names = {}, {}, []
   for label, strategy, collective, conv in configs:
     logging.info("compiling %s", label)
-    cfg = make_config(model, image_size, batch, strategy, collective, conv)
+    cfg = make_config(model, image_size, batch, strategy, collective, conv, overlap=overlap)
     runners[label], flops[label] = build_step_runner(cfg, devices)
     names.append(label)
   if one_device:
@@ -271,6 +286,7 @@ def memory_rows(
   batch: int,
   configs: Iterable[tuple[str, str, str, str]],
   devices,
+  overlap: str | None = None,
 ) -> list[dict]:
   """Per-device bytes of one compiled step per config, never allocating the state.
 
@@ -282,7 +298,9 @@ def memory_rows(
   for label, strategy_name, collective, conv in configs:
     logging.info("compiling %s (memory)", label)
     t0 = time.perf_counter()
-    cfg = make_config(model, image_size, batch, strategy_name, collective, conv, classes)
+    cfg = make_config(
+      model, image_size, batch, strategy_name, collective, conv, classes, overlap=overlap
+    )
     strategy = make_strategy(cfg, devices)
     state = strategy.abstract_state()
     images, labels = _batch_abstract(strategy, cfg)
@@ -460,43 +478,53 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Must run before anything asks JAX for its devices.
-  mesh_lib.configure_host_devices(_DEVICES.value)
+  mesh_lib.configure_host_devices(FLAGS.devices)
   devices = jax.devices()
   n = len(devices)
-  repeats = 4 if _QUICK.value else _REPEATS.value
+  repeats = 4 if FLAGS.quick else FLAGS.repeats
   command = " ".join(["python -m experiments.benchmark_step"] + sys.argv[1:])
   parts = ["## Step benchmark", "", machine_markdown(command)]
 
   t0 = time.perf_counter()
   result = measure_steps(
-    _MODEL.value,
-    _IMAGE_SIZE.value,
-    _BATCH.value,
+    FLAGS.model,
+    FLAGS.image_size,
+    FLAGS.batch,
     STEP_CONFIGS,
     devices,
     repeats,
     conv_shape=CONV_SHAPE,
+    overlap=FLAGS.overlap,
   )
   logging.info("step tables took %.0f s", time.perf_counter() - t0)
-  parts += ["", step_markdown(result, _MODEL.value, _IMAGE_SIZE.value, _BATCH.value, n)]
+  parts += ["", step_markdown(result, FLAGS.model, FLAGS.image_size, FLAGS.batch, n)]
   bad = {k: v for k, v in result["loss"].items() if not math.isfinite(v)}
   if bad:
     parts += ["", f"WARNING: non-finite loss after timing (timings suspect): {bad}"]
   print("\n".join(parts), flush=True)
 
-  if not _SKIP_MEMORY.value:
+  if not FLAGS.skip_memory:
     t0 = time.perf_counter()
-    rows = memory_rows(_MEMORY_MODEL.value, 224, 1000, _MEMORY_BATCH.value, MEMORY_CONFIGS, devices)
+    rows = memory_rows(
+      FLAGS.memory_model,
+      224,
+      1000,
+      FLAGS.memory_batch,
+      MEMORY_CONFIGS,
+      devices,
+      overlap=FLAGS.overlap,
+    )
     logging.info("memory table took %.0f s", time.perf_counter() - t0)
-    mem = memory_markdown(rows, _MEMORY_MODEL.value, _MEMORY_BATCH.value, n)
+    mem = memory_markdown(rows, FLAGS.memory_model, FLAGS.memory_batch, n)
     parts += ["", mem]
     print("\n" + mem, flush=True)
 
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
       f.write("\n".join(parts) + "\n")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
