@@ -3,7 +3,8 @@ r"""Compile the train step deviceless for H100s and measure how its collectives 
   JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu /tmp/gpu-aot/bin/python \
     -m experiments.compile_gpu [--devices=8] [--hosts=1] [--model=deep_image_16] \
     [--image_size=224] [--batch=256] [--dtype=bfloat16] [--strategies=gspmd,data,lazy,hybrid] \
-    [--collectives=butterfly,xla] [--overlaps=none,deferred] [--bucket_mb=25] [--out=FILE.md]
+    [--collectives=butterfly,xla] [--overlaps=none,deferred] [--bucket_mb=25] [--nogpu_flags] \
+    [--dump_hlo=DIR] [--out=FILE.md]
 
 XLA's GPU compiler runs on a CPU-only machine (../shared/gpu/README.md): every
 configuration's step is lowered and compiled for `--devices` H100 SXM GPUs
@@ -153,6 +154,8 @@ class AsyncCollective:
     bytes: bytes of its output (the done's shape; a combined one sums its arrays).
     compute: names of the compute instructions scheduled between start and done.
     heavy: how many of them are convolutions / matrix products (`is_heavy`).
+    heavy_before / heavy_total: convolutions / matrix products of its computation
+      scheduled before its start / in all: where in forward / backward it sits.
     sync: XLA marked it synchronous (backend_config "is_sync":true).
     op_name: the JAX op_name of the start (which primitive / layer issued it).
     before / after: op_name of the nearest compute before the start and after the
@@ -166,6 +169,8 @@ class AsyncCollective:
   bytes: int
   compute: tuple[str, ...]
   heavy: int
+  heavy_before: int
+  heavy_total: int
   sync: bool
   op_name: str
   before: str
@@ -286,6 +291,7 @@ def async_collectives(hlo_text: str) -> list[AsyncCollective]:
   found = []
   for comp_name, insts in comps.items():
     compute_at = [i for i, inst in enumerate(insts) if is_compute(inst)]
+    heavy_total = sum(is_heavy(insts[k]) for k in compute_at)
     for i, inst in enumerate(insts):
       kind = _collective_kind(inst, comps)
       if kind is None:
@@ -309,6 +315,8 @@ def async_collectives(hlo_text: str) -> list[AsyncCollective]:
           bytes=shape_bytes(insts[j].shape),
           compute=tuple(insts[k].name for k in compute_at if i < k < j),
           heavy=sum(is_heavy(insts[k]) for k in compute_at if i < k < j),
+          heavy_before=sum(is_heavy(insts[k]) for k in compute_at if k < i),
+          heavy_total=heavy_total,
           sync='"is_sync":true' in inst.line,
           op_name=inst.op_name,
           before=insts[before[-1]].op_name if before else "",
@@ -399,9 +407,13 @@ _COLLECTIVES = flags.DEFINE_list(
 _OVERLAPS = flags.DEFINE_list("overlaps", ["none", "deferred"], "parallel.overlap values.")
 _CONV = flags.DEFINE_string("conv", "data", "parallel.conv of hybrid.")
 _BUCKET_MB = flags.DEFINE_float("bucket_mb", 25.0, "parallel.bucket_mb.")
-_REGATHER = flags.DEFINE_bool("regather", True, "parallel.regather (lazy).")
 _OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write each scheduled HLO into this folder.")
+_GPU_FLAGS = flags.DEFINE_bool(
+  "gpu_flags",
+  True,
+  "Add mesh.GPU_OVERLAP_FLAGS to XLA_FLAGS (--nogpu_flags: XLA_FLAGS as given, to compare).",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,7 +469,7 @@ def make_config(cfg: Configuration, bucket_mb: float):
   c.train.batch_size = _BATCH.value
   par = c.parallel
   par.strategy, par.collective, par.conv = cfg.strategy, cfg.collective, _CONV.value
-  par.overlap, par.bucket_mb, par.regather = cfg.overlap, bucket_mb, _REGATHER.value
+  par.overlap, par.bucket_mb = cfg.overlap, bucket_mb
   return c
 
 
@@ -550,6 +562,7 @@ def report(results: list[dict]) -> str:
       r["cfg"].label,
       c.kind,
       f"{c.bytes / 2**20:,.2f}",
+      f"{c.heavy_before} / {c.heavy_total}",
       _where(c.op_name),
       _where(c.before),
       _where(c.after),
@@ -561,7 +574,15 @@ def report(results: list[dict]) -> str:
   lines = [main, ""]
   lines += [f"- {r['cfg'].label}: {r['summary'].line()}" for r in results]
   lines += ["", "Async collectives with no compute inside their window:", ""]
-  header = ("configuration", "kind", "MiB", "issued by", "compute before", "compute after")
+  header = (
+    "configuration",
+    "kind",
+    "MiB",
+    "conv/GEMM before it / in all",
+    "issued by (op_name)",
+    "compute before",
+    "compute after",
+  )
   lines.append(table(header, bare) if bare else "(none)")
   return "\n".join(lines)
 
@@ -573,7 +594,8 @@ def main(argv):
     sys.exit(f"compile_gpu: {missing}; set it up with: {SETUP}")
   from deep_image.parallel import mesh as mesh_lib
 
-  mesh_lib.add_gpu_overlap_flags()  # before JAX starts its backends
+  if _GPU_FLAGS.value:
+    mesh_lib.add_gpu_overlap_flags()  # before JAX starts its backends
   from jax.experimental import topologies
 
   if _DEVICES.value % _HOSTS.value:
@@ -595,7 +617,7 @@ def main(argv):
     f"Deviceless XLA GPU compile of `{_MODEL.value}` ({_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, "
     f"{_CLASSES.value} classes, {_DTYPE.value}), global batch {_BATCH.value}, "
     f"{_DEVICES.value} x H100 SXM on {_HOSTS.value} host(s), parallel.bucket_mb="
-    f"{_BUCKET_MB.value:g}, regather={_REGATHER.value}.\n"
+    f"{_BUCKET_MB.value:g}.\n"
     f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`\n"
     f"command: `{' '.join(sys.argv)}`"
   )

@@ -70,6 +70,7 @@ def test_async_collectives_pairs_and_windows():
   assert rs.op_name == "jit(step)/shard_map/psum_scatter"
   # The all-reduce nested in the permute's window is not compute; the cuDNN conv is.
   assert cp.compute == ("cudnn-conv",) and cp.heavy == 1 and not cp.sync
+  assert (ar.heavy_before, ar.heavy_total, ag.heavy_before) == (0, 1, 0)
   assert ar.compute == () and ar.sync
   assert ar.after == "jit(step)/shard_map/VGG.features/convs_3/conv"
   assert all(c.computation == "main" for c in found)
