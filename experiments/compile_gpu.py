@@ -619,7 +619,7 @@ def main(argv):
     f"{_DEVICES.value} x H100 SXM on {_HOSTS.value} host(s), parallel.bucket_mb="
     f"{_BUCKET_MB.value:g}.\n"
     f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`\n"
-    f"command: `{' '.join(sys.argv)}`"
+    f"command: `python -m experiments.compile_gpu {' '.join(sys.argv[1:])}`"
   )
   text = header + "\n\n" + report(results)
   print(text)

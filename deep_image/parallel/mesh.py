@@ -138,7 +138,19 @@ GPU_OVERLAP_FLAGS = (
   # Gradient buckets are already sized (parallel.bucket_mb): combining the
   # reduce-scatters of several buckets would wait for the last of them.
   "--xla_gpu_reduce_scatter_combine_threshold_bytes=0",
-  "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+  # The same for the permutes of the hand-written algorithms (butterfly, ring):
+  # XLA's combiner otherwise merges stages of different buckets, which chains
+  # them and leaves the merged permute synchronous. Deviceless H100 x 8 compile
+  # of the Table 2 step, deferred (benchmarks/gpu_compile_2026-11-25.md): async
+  # collectives with compute in their window, data / butterfly 92% -> 100%,
+  # hybrid / butterfly 46% -> 78%.
+  "--xla_gpu_collective_permute_combine_threshold_bytes=0",
+  # And for the gathers of the xla algorithm: one all-gather per bucket, each
+  # issued one bucket ahead of its layers (lazy / xla: 82% -> 85%).
+  "--xla_gpu_all_gather_combine_threshold_bytes=0",
+  # No all-reduce threshold: the shard_map strategies all-reduce only the metric
+  # scalars, which =0 kept as 4 all-reduces (2-3 of them with nothing to overlap),
+  # and gspmd's gradients went from 4 combined all-reduces to 41.
 )
 
 
