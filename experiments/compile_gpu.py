@@ -391,29 +391,34 @@ def _where(op_name: str) -> str:
 # ----------------------------------------------------------------------------------------
 # Compiling (needs the CUDA wheels; imported lazily so the parser above needs no JAX).
 
-_DEVICES = flags.DEFINE_integer("devices", 8, "GPUs in all.")
-_HOSTS = flags.DEFINE_integer("hosts", 1, "Hosts the GPUs are spread over.")
-_MODEL = flags.DEFINE_string("model", "deep_image_16", "Model name (deep_image.models.vgg).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Training crop side.")
-_CLASSES = flags.DEFINE_integer("classes", 1000, "Output classes.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Global batch.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "model.dtype (compute).")
-_STRATEGIES = flags.DEFINE_list(
-  "strategies", ["gspmd", "data", "lazy", "hybrid"], "Strategies (parallel.strategy)."
-)
-_COLLECTIVES = flags.DEFINE_list(
-  "collectives", ["butterfly", "xla"], "parallel.collective of the shard_map strategies."
-)
-_OVERLAPS = flags.DEFINE_list("overlaps", ["none", "deferred"], "parallel.overlap values.")
-_CONV = flags.DEFINE_string("conv", "data", "parallel.conv of hybrid.")
-_BUCKET_MB = flags.DEFINE_float("bucket_mb", 25.0, "parallel.bucket_mb.")
-_OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write each scheduled HLO into this folder.")
-_GPU_FLAGS = flags.DEFINE_bool(
-  "gpu_flags",
-  True,
-  "Add mesh.GPU_OVERLAP_FLAGS to XLA_FLAGS (--nogpu_flags: XLA_FLAGS as given, to compare).",
-)
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined only when run as a script: tests import this module beside others with flags."""
+  flags.DEFINE_integer("devices", 8, "GPUs in all.")
+  flags.DEFINE_integer("hosts", 1, "Hosts the GPUs are spread over.")
+  flags.DEFINE_string("model", "deep_image_16", "Model name (deep_image.models.vgg).")
+  flags.DEFINE_integer("image_size", 224, "Training crop side.")
+  flags.DEFINE_integer("classes", 1000, "Output classes.")
+  flags.DEFINE_integer("batch", 256, "Global batch.")
+  flags.DEFINE_string("dtype", "bfloat16", "model.dtype (compute).")
+  flags.DEFINE_list(
+    "strategies", ["gspmd", "data", "lazy", "hybrid"], "Strategies (parallel.strategy)."
+  )
+  flags.DEFINE_list(
+    "collectives", ["butterfly", "xla"], "parallel.collective of the shard_map strategies."
+  )
+  flags.DEFINE_list("overlaps", ["none", "deferred"], "parallel.overlap values.")
+  flags.DEFINE_string("conv", "data", "parallel.conv of hybrid.")
+  flags.DEFINE_float("bucket_mb", 25.0, "parallel.bucket_mb.")
+  flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
+  flags.DEFINE_string("dump_hlo", None, "Write each scheduled HLO into this folder.")
+  flags.DEFINE_bool(
+    "gpu_flags",
+    True,
+    "Add mesh.GPU_OVERLAP_FLAGS to XLA_FLAGS (--nogpu_flags: XLA_FLAGS as given, to compare).",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,13 +467,13 @@ def make_config(cfg: Configuration, bucket_mb: float):
   from experiments.configs import base
 
   c = base.get_config()
-  c.model.name, c.model.image_size = _MODEL.value, _IMAGE_SIZE.value
-  c.model.num_classes, c.model.dtype = _CLASSES.value, _DTYPE.value
-  c.data.augment.crop_size = _IMAGE_SIZE.value
-  c.data.train_scale = c.data.eval_scale = max(c.data.train_scale, _IMAGE_SIZE.value)
-  c.train.batch_size = _BATCH.value
+  c.model.name, c.model.image_size = FLAGS.model, FLAGS.image_size
+  c.model.num_classes, c.model.dtype = FLAGS.classes, FLAGS.dtype
+  c.data.augment.crop_size = FLAGS.image_size
+  c.data.train_scale = c.data.eval_scale = max(c.data.train_scale, FLAGS.image_size)
+  c.train.batch_size = FLAGS.batch
   par = c.parallel
-  par.strategy, par.collective, par.conv = cfg.strategy, cfg.collective, _CONV.value
+  par.strategy, par.collective, par.conv = cfg.strategy, cfg.collective, FLAGS.conv
   par.overlap, par.bucket_mb = cfg.overlap, bucket_mb
   return c
 
@@ -488,7 +493,7 @@ def compile_one(cfg: Configuration, devices, bucket_mb: float, hlo_dir: str | No
   strategy = strategies.make_strategy(
     config, make_model(config.model), make_optimizer(config.train), mesh
   )
-  s, b = _IMAGE_SIZE.value, _BATCH.value
+  s, b = FLAGS.image_size, FLAGS.batch
   images = jax.ShapeDtypeStruct((b, s, s, 3), np.uint8, sharding=strategy.batch_sharding)
   labels = jax.ShapeDtypeStruct((b,), np.int32, sharding=strategy.batch_sharding)
   start = time.perf_counter()
@@ -594,39 +599,40 @@ def main(argv):
     sys.exit(f"compile_gpu: {missing}; set it up with: {SETUP}")
   from deep_image.parallel import mesh as mesh_lib
 
-  if _GPU_FLAGS.value:
+  if FLAGS.gpu_flags:
     mesh_lib.add_gpu_overlap_flags()  # before JAX starts its backends
   from jax.experimental import topologies
 
-  if _DEVICES.value % _HOSTS.value:
-    sys.exit(f"compile_gpu: --devices={_DEVICES.value} does not divide over --hosts")
+  if FLAGS.devices % FLAGS.hosts:
+    sys.exit(f"compile_gpu: --devices={FLAGS.devices} does not divide over --hosts")
   with open(TARGET_CONFIG) as f:
     topo = topologies.get_topology_desc(
       platform="cuda",
       target_config=f.read(),
-      topology=f"1x{_HOSTS.value}x{_DEVICES.value // _HOSTS.value}",
+      topology=f"1x{FLAGS.hosts}x{FLAGS.devices // FLAGS.hosts}",
     )
   devices = list(topo.devices)
-  configs = configurations(_STRATEGIES.value, _COLLECTIVES.value, _OVERLAPS.value, _CONV.value)
+  configs = configurations(FLAGS.strategies, FLAGS.collectives, FLAGS.overlaps, FLAGS.conv)
   results = []
   for cfg in configs:
-    r = compile_one(cfg, devices, _BUCKET_MB.value, _DUMP_HLO.value)
+    r = compile_one(cfg, devices, FLAGS.bucket_mb, FLAGS.dump_hlo)
     print(f"{cfg.label}: {r['summary'].line()} (compiled in {r['seconds']:.0f} s)", flush=True)
     results.append(r)
   header = (
-    f"Deviceless XLA GPU compile of `{_MODEL.value}` ({_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, "
-    f"{_CLASSES.value} classes, {_DTYPE.value}), global batch {_BATCH.value}, "
-    f"{_DEVICES.value} x H100 SXM on {_HOSTS.value} host(s), parallel.bucket_mb="
-    f"{_BUCKET_MB.value:g}.\n"
+    f"Deviceless XLA GPU compile of `{FLAGS.model}` ({FLAGS.image_size}x{FLAGS.image_size}, "
+    f"{FLAGS.classes} classes, {FLAGS.dtype}), global batch {FLAGS.batch}, "
+    f"{FLAGS.devices} x H100 SXM on {FLAGS.hosts} host(s), parallel.bucket_mb="
+    f"{FLAGS.bucket_mb:g}.\n"
     f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`\n"
     f"command: `python -m experiments.compile_gpu {' '.join(sys.argv[1:])}`"
   )
   text = header + "\n\n" + report(results)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
