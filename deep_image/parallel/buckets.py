@@ -18,7 +18,8 @@ leaf is exactly what `layouts.LAZY` stores on device r. Then:
 ======================  =====================================================
 `gather(shards)`        one all-gather: device r's [C] (its chunks) ->
                         every leaf's flat, padded [N c_i] on every device
-`sync_point(slot, xs)`  identity on the usable leaves xs; in backward, one
+`sync_point(slot, xs,   identity on the usable leaves xs; in backward, one
+  after)`
                         reduce-scatter of their cotangents' [N, C] buffer, so
                         the cotangent of `slot` [C] is device r's chunk of
                         every leaf's gradient summed over devices
@@ -84,7 +85,9 @@ def plan(
     n: devices on the axis.
     bucket_bytes: a bucket is closed before a layer that would take it past
       this many bytes (a larger layer gets a bucket of its own; 0: one layer
-      per bucket); a change of layout kind also closes it.
+      per bucket); a change of layout kind also closes it. The first layer
+      always has a bucket of its own (the step starts by fetching it, with
+      nothing to overlap).
   """
   rank = {name: i for i, name in enumerate(layer_order)}
   by_layer: dict[str, list[int]] = {}
@@ -104,6 +107,10 @@ def plan(
       kind, used = layer_kind, 0.0
     groups[-1].append(layer)
     used += size
+  if groups and len(groups[-1]) > 1:
+    # The first layer in a bucket of its own: the step's first gather waits for nothing
+    # and hides behind nothing, so keep it small; the next one hides behind that layer.
+    groups.append([groups[-1].pop()])
   buckets = []
   for group in reversed(groups):
     layers = tuple(reversed(group))
@@ -147,10 +154,15 @@ def gather(shards: list[jax.Array], axis_name: str, algorithm: str) -> list[jax.
   return [r.reshape(-1) for r in split_chunks(full.reshape(n, -1), chunks)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def sync_point(
-  slot: jax.Array, values: tuple, axis_name: str, algorithm: str, gather_to: tuple | None = None
-) -> tuple:
+  slot: jax.Array,
+  values: tuple,
+  after: jax.Array,
+  axis_name: str,
+  algorithm: str,
+  gather_to: tuple | None = None,
+) -> tuple[tuple, jax.Array]:
   """The bucket's leaves for use; backward reduce-scatters their cotangents into `slot`'s.
 
   Args:
@@ -159,28 +171,39 @@ def sync_point(
     values: the bucket's leaves (full shapes), returned as they are; or, with
       `gather_to` (the leaves' full shapes), this device's chunks [c_i], gathered
       (`gather`) into arrays of those shapes.
+    after: an activation the forward pass computes before the bucket is used
+      (the input of the previous bucket's first layer), returned as it is. In
+      backward, the reduce-scatter must be done when `after`'s cotangent is:
+      it overlaps the previous bucket's backward instead of drifting to the end
+      of the backward pass, where XLA's scheduler would otherwise issue it.
+  Returns:
+    (the leaves for use, after).
   """
   del slot
   if gather_to is None:
-    return values
+    return values, after
   flats = gather(list(values), axis_name, algorithm)
-  return tuple(
+  usable = tuple(
     flat[: math.prod(shape)].reshape(shape) for flat, shape in zip(flats, gather_to, strict=True)
   )
+  return usable, after
 
 
-def _sync_fwd(slot, values, axis_name, algorithm, gather_to):
-  return sync_point(slot, values, axis_name, algorithm, gather_to), None
+def _sync_fwd(slot, values, after, axis_name, algorithm, gather_to):
+  return sync_point(slot, values, after, axis_name, algorithm, gather_to), None
 
 
 def _sync_bwd(axis_name, algorithm, gather_to, _, cotangents):
+  cotangents, after_cotangent = cotangents
   n = jax.lax.axis_size(axis_name)
   buffer = jnp.concatenate([rows(ct.astype(jnp.float32), n) for ct in cotangents], axis=1)
   summed = collectives.reduce_scatter(buffer.reshape(-1), axis_name, algorithm=algorithm)
+  summed, after_cotangent = jax.lax.optimization_barrier((summed, after_cotangent))
   if gather_to is None:
-    return summed, jax.tree.map(jnp.zeros_like, cotangents)
-  chunks = tuple(math.ceil(math.prod(shape) / n) for shape in gather_to)
-  return summed, tuple(jnp.zeros((c,), jnp.float32) for c in chunks)
+    zeros = jax.tree.map(jnp.zeros_like, cotangents)
+  else:
+    zeros = tuple(jnp.zeros((math.ceil(math.prod(s) / n),), jnp.float32) for s in gather_to)
+  return summed, zeros, after_cotangent
 
 
 sync_point.defvjp(_sync_fwd, _sync_bwd)

@@ -46,6 +46,7 @@ def tensor_parallel_head(
   dtype=jnp.float32,
   dropout_rate: float = 0.0,
   dropout_key: jax.Array | None = None,
+  micro_batches: int = 1,
 ) -> jax.Array:
   """FC1-FC3 with FC1/FC2 weights split over `axis`. feats [b, k, k, C] -> logits [b, classes].
 
@@ -56,34 +57,56 @@ def tensor_parallel_head(
     feats: this device's conv features (local batch b).
     dropout_key: the step's dropout key (None: no dropout); masks as in
       `VGG.head` for the same global examples.
+    micro_batches: the local batch runs through the head in this many parts
+      (it must divide b). The parts are independent, so one part's feature
+      gather and partial-sum scatter (and their backward) can overlap another
+      part's matrix products: the activation collectives are otherwise on the
+      critical path with nothing to hide behind. Same result for any value.
   Returns:
     float32 logits [b, classes] for the local batch.
   """
   b = feats.shape[0]
-  n, rank = lax.axis_size(axis), lax.axis_index(axis)
+  if b % micro_batches:
+    raise ValueError(f"micro_batches={micro_batches} does not divide the local batch {b}")
+  m = b // micro_batches
   x = feats.reshape(b, -1).astype(dtype)
-  x = collectives.all_gather_with_scatter_grad(x, axis, algorithm)  # [B, F]
+  parts = [
+    _head_part(
+      fc, x[i * m : (i + 1) * m], i * m, b, axis, algorithm, dtype, dropout_rate, dropout_key
+    )
+    for i in range(micro_batches)
+  ]
+  return jnp.concatenate(parts) if micro_batches > 1 else parts[0]
+
+
+def _head_part(fc, x, offset, b, axis, algorithm, dtype, dropout_rate, dropout_key):
+  """The head on local rows [offset, offset + m) of every device: x [m, F] -> logits [m, C].
+
+  Row j of device r is global example r b + offset + j (the dropout masks' index).
+  """
+  m = x.shape[0]
+  n, rank = lax.axis_size(axis), lax.axis_index(axis)
+  x = collectives.all_gather_with_scatter_grad(x, axis, algorithm)  # [N m, F]
   drop = dropout_rate > 0.0 and dropout_key is not None
   h1 = x @ fc["fc1"]["kernel"].astype(dtype) + fc["fc1"]["bias"].astype(dtype)
-  h1 = jax.nn.relu(h1)  # [B, H1/N]
+  h1 = jax.nn.relu(h1)  # [N m, H1/N]
   if drop:
     cols = h1.shape[1]
     # Each example's full [H1] mask, then this device's columns: the mask of
-    # the 1-device program, at the cost of B H1 random bits per device.
+    # the 1-device program, at the cost of N m H1 random bits per device.
+    gathered_ids = (jnp.arange(n)[:, None] * b + offset + jnp.arange(m)[None, :]).reshape(-1)
     keep = vgg.dropout_keep_mask(
-      dropout_key, vgg.FC1_DROPOUT, jnp.arange(b * n), (cols * n,), dropout_rate
+      dropout_key, vgg.FC1_DROPOUT, gathered_ids, (cols * n,), dropout_rate
     )
     keep = lax.dynamic_slice_in_dim(keep, rank * cols, cols, axis=1)
     h1 = vgg.apply_dropout(h1, keep, dropout_rate)
-  partial = h1 @ fc["fc2"]["kernel"].astype(dtype)  # [B, H2], summed over devices next
+  partial = h1 @ fc["fc2"]["kernel"].astype(dtype)  # [N m, H2], summed over devices next
   # The bias is added once, after the sum.
   h2 = collectives.reduce_scatter_with_gather_grad(partial, axis, algorithm)
-  h2 = h2 + fc["fc2"]["bias"].astype(dtype)
-  h2 = jax.nn.relu(h2)  # [b, H2]
+  h2 = jax.nn.relu(h2 + fc["fc2"]["bias"].astype(dtype))  # [m, H2]
   if drop:
-    keep = vgg.dropout_keep_mask(
-      dropout_key, vgg.FC2_DROPOUT, rank * b + jnp.arange(b), h2.shape[1:], dropout_rate
-    )
+    ids = rank * b + offset + jnp.arange(m)
+    keep = vgg.dropout_keep_mask(dropout_key, vgg.FC2_DROPOUT, ids, h2.shape[1:], dropout_rate)
     h2 = vgg.apply_dropout(h2, keep, dropout_rate)
   logits = h2 @ fc["fc3"]["kernel"].astype(dtype) + fc["fc3"]["bias"].astype(dtype)
   return logits.astype(jnp.float32)

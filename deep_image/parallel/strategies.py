@@ -95,6 +95,8 @@ def validate_parallel_config(config, num_devices: int) -> None:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   if par.overlap not in OVERLAPS:
     raise ConfigError(f"parallel.overlap={par.overlap!r} must be one of {OVERLAPS}")
+  if not (isinstance(par.fc_micro_batches, int) and par.fc_micro_batches >= 1):
+    raise ConfigError(f"parallel.fc_micro_batches={par.fc_micro_batches!r} must be an int >= 1")
   if not par.bucket_mb >= 0:
     raise ConfigError(f"parallel.bucket_mb={par.bucket_mb!r} must be >= 0 (0: a bucket per layer)")
   names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
@@ -558,14 +560,20 @@ class ShardMapStrategy(Strategy):
           {"params": {}}, images, train=True, dropout_key=dropout_key, example_ids=example_ids
         )
       feats = model.apply({"params": {}}, images, method=VGG.features)
+    fc = {}
+    for k in ("fc1", "fc2", "fc3"):
+      fc[k], feats = feed.layer(k, feats)
+    parts = self.config.parallel.fc_micro_batches
     return fc_block.tensor_parallel_head(
-      {k: feed.layer(k, feats) for k in ("fc1", "fc2", "fc3")},
+      fc,
       feats,
       axis=self.axis,
       algorithm=self.algorithm,
       dtype=model.dtype,
       dropout_rate=rate,
       dropout_key=dropout_key,
+      # A local batch the parts do not divide (e.g. 3 images per device) runs whole.
+      micro_batches=parts if feats.shape[0] % parts == 0 else 1,
     )
 
   def _apply_pending_local(self, params, opt_state, pending: PendingUpdate):
@@ -763,39 +771,50 @@ class _LayerFeed:
       self._leaves_of_layer.setdefault(names[0], []).append((i, names[-1]))
     self._busy = False
 
-  def _ensure(self, k: int, after: jax.Array) -> None:
+  def _ensure(self, k: int, after: jax.Array) -> jax.Array:
+    """Prepare bucket k (once), not before `after`; returns `after` through its sync point."""
     if k >= len(self._s.buckets) or k in self._done:
-      return
+      return after
     self._done.add(k)
     bucket = self._s.buckets[k]
     parts, new_opt = self._prepare(k, after)
     lazy = bucket.kind == "lazy"
     gather_to = tuple(self._s._leaf_shapes[i] for i in bucket.leaves) if lazy else None
-    usable = buckets.sync_point(
-      self._slots[k], tuple(parts), self._s.axis, self._s.algorithm, gather_to
+    usable, after = buckets.sync_point(
+      self._slots[k], tuple(parts), after, self._s.axis, self._s.algorithm, gather_to
     )
     self._usable.update(zip(bucket.leaves, usable, strict=True))
     self._parts.update(zip(bucket.leaves, parts, strict=True))
     if new_opt is not None:
       self.new_opt[k] = new_opt
+    return after
 
-  def layer(self, name: str, x: jax.Array) -> dict:
-    """The parameters {'kernel', 'bias'} layer `name` computes with, given its input x."""
+  def layer(self, name: str, x: jax.Array) -> tuple[dict, jax.Array]:
+    """(the parameters {'kernel', 'bias'} layer `name` computes with, its input x).
+
+    Use the returned x: it carries the sync points' backward ordering.
+    """
     k = self._bucket_of_layer.get(name)
     if k is not None:
-      self._ensure(k, x)
-      self._ensure(k + 1, x)
-    return {key: self._usable[i] for i, key in self._leaves_of_layer[name]}
+      if not self._done:
+        # The model's input: no gradient is needed there, and threading it through
+        # the sync points would make backward compute one (a wasted convolution).
+        for j in (k, k + 1):
+          self._ensure(j, x)
+      else:
+        x = self._ensure(k, x)
+        x = self._ensure(k + 1, x)
+    return {key: self._usable[i] for i, key in self._leaves_of_layer[name]}, x
 
   def intercept(self, next_fun, args, kwargs, context):
     """Flax method interceptor: a parameterised layer runs with `layer(...)`'s parameters."""
     name = context.module.name
     if self._busy or context.method_name != "__call__" or name not in self._leaves_of_layer:
       return next_fun(*args, **kwargs)
-    params = self.layer(name, args[0])
+    params, x = self.layer(name, args[0])
     self._busy = True  # the layer's own __call__ below is not intercepted again
     try:
-      return context.module.clone(parent=None).apply({"params": params}, *args, **kwargs)
+      return context.module.clone(parent=None).apply({"params": params}, x, *args[1:], **kwargs)
     finally:
       self._busy = False
 
