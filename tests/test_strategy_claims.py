@@ -4,8 +4,9 @@ The equivalence tests show every strategy computes the same numbers; they pass
 just as well when a strategy stores or moves more than it claims. Here:
 
 * layouts, from the initialised state's `addressable_shards` (and the same
-  shapes from `abstract_state()`): `lazy` stores every parameter and its
-  momentum trace as exactly 1/N of the zero-padded flat array per device;
+  shapes from `abstract_state()`): `lazy` stores every kernel and its momentum
+  trace as exactly 1/N of the zero-padded flat array per device, biases
+  replicated;
   `data` replicates everything; the pending update of `overlap='deferred'`
   holds 1/N of every gradient per device; `hybrid` splits FC1's kernel by
   columns and FC2's by rows, 1/N per device; `gspmd` splits FC1/FC2 per the
@@ -112,15 +113,18 @@ def assert_lazy(x, n, full, what):
 @pytest.mark.parametrize(
   "strategy,conv,n", [("lazy", "data", 8), ("lazy", "data", 6), ("hybrid", "lazy", 4)]
 )
-def test_lazy_stores_every_parameter_and_its_momentum_as_one_nth(strategy, conv, n):
+def test_lazy_stores_every_kernel_and_its_momentum_as_one_nth(strategy, conv, n):
   s = _strategy(_config(strategy, conv, batch=24), n)
   params, trace, full = _stored(s, n)
   params, trace, full = _leaves(params), _leaves(trace), _leaves(full)
-  lazy = [k for k in params if strategy == "lazy" or "convs" in k]
-  assert len(lazy) == (10 if strategy == "lazy" else 4)
-  for key in lazy:
+  lazy_layers = [k for k in params if "kernel" in k and (strategy == "lazy" or "convs" in k)]
+  assert len(lazy_layers) == (5 if strategy == "lazy" else 2)
+  for key in lazy_layers:
     assert_lazy(params[key], n, full[key], f"params{key}")
     assert_lazy(trace[key], n, np.zeros_like(full[key]), f"momentum{key}")
+  for key in (k for k in params if "bias" in k and (strategy == "lazy" or "convs" in k)):
+    assert_replicated(params[key], full[key].shape, key)
+    assert_replicated(trace[key], full[key].shape, key)
 
 
 @pytest.mark.parametrize("strategy,conv", [("data", "data"), ("lazy", "data"), ("hybrid", "data")])
@@ -231,38 +235,47 @@ _PROGRAM_OP = re.compile(r"= \"?stablehlo\.(convolution|all_gather|reduce_scatte
 
 
 def _program_order(strategy, overlap, conv="data"):
-  """Convolutions and collectives of the lowered step, in program order (algorithm xla:
-  all_gather / reduce_scatter are the gradient pipeline's; a bucket per layer)."""
+  """(convolutions and collectives of the lowered step in program order, the number of
+  buckets per kind). Algorithm xla: all_gather / reduce_scatter are the gradient
+  pipeline's; a bucket per layer and kind."""
   text = _compiled_step_text(
     strategy, 8, compiled=False, collective="xla", conv=conv, overlap=overlap, bucket_mb=0
   )
-  return _PROGRAM_OP.findall(text)
+  c = _config(strategy, conv=conv, batch=8)
+  c.parallel.bucket_mb = 0
+  kinds = [b.kind for b in _strategy(c, 8).buckets]
+  return _PROGRAM_OP.findall(text), {k: kinds.count(k) for k in ("replicated", "lazy")}
 
 
 @pytest.mark.parametrize("overlap", ["none", "deferred"])
 @pytest.mark.parametrize("strategy", ["data", "lazy"])
 def test_gradients_are_reduce_scattered_during_backward(strategy, overlap):
-  ops = _program_order(strategy, overlap)
+  ops, buckets = _program_order(strategy, overlap)
   convs = [i for i, op in enumerate(ops) if op == "convolution"]
   scatters = [i for i, op in enumerate(ops) if op == "reduce_scatter"]
-  # vgg_tiny: 2 conv layers, 5 buckets (one per layer); backward has 3 convolutions
-  # (conv 1's input gradient, two kernel gradients) after the 2 forward ones. (The
-  # lowered program repeats some reduce-scatters; XLA keeps one of each.)
-  assert len(convs) == 5 and len(scatters) >= 5, ops
+  # vgg_tiny: 2 conv layers; data: 5 buckets (one per layer), lazy: 5 of kernels and 5
+  # of biases. Backward has 3 convolutions (conv 1's input gradient, two kernel
+  # gradients) after the 2 forward ones. (The lowered program may repeat a
+  # reduce-scatter; XLA keeps one of each.)
+  assert buckets == (
+    {"replicated": 5, "lazy": 0} if strategy == "data" else {"replicated": 5, "lazy": 5}
+  ), buckets
+  assert len(convs) == 5 and len(scatters) >= sum(buckets.values()), ops
   # The FC and conv-1 buckets' reduce-scatters come before conv 0's kernel gradient.
   assert scatters[0] < convs[2] and sum(i < convs[-1] for i in scatters) >= 3, ops
 
 
 @pytest.mark.parametrize("strategy", ["data", "lazy"])
 def test_deferred_fetches_buckets_during_the_forward_pass(strategy):
-  deferred = _program_order(strategy, "deferred")
+  deferred, buckets = _program_order(strategy, "deferred")
   first_conv = deferred.index("convolution")
   gathers = [i for i, op in enumerate(deferred) if op == "all_gather"]
-  assert len(gathers) == 5, deferred  # one per bucket: the update's (data) or the weights' (lazy)
+  # One per bucket: the update's (replicated) or the weights' (lazy).
+  assert len(gathers) == sum(buckets.values()), deferred
   assert sum(i > first_conv for i in gathers) >= 3, deferred
   # The contrast: without overlap, data's all-gathers all follow the backward pass.
   if strategy == "data":
-    none = _program_order(strategy, "none")
+    none, _ = _program_order(strategy, "none")
     last_conv = len(none) - 1 - none[::-1].index("convolution")
     assert all(i > last_conv for i, op in enumerate(none) if op == "all_gather"), none
 

@@ -1,8 +1,8 @@
 """Gradient buckets: parameters synchronized together, one collective per bucket.
 
-A bucket is a run of consecutive layers, grouped in *backward* order until it
-holds `parallel.bucket_mb` MiB of parameters, whose synchronized parameters
-(replicated or lazy, `deep_image.parallel.layouts`) share one layout kind. Split
+A bucket holds the synchronized parameters of one layout kind (replicated or
+lazy, `deep_image.parallel.layouts`) of a run of consecutive layers, grouped in
+*backward* order until it holds `parallel.bucket_mb` MiB. Split
 (tensor-parallel) parameters need no synchronization and are in no bucket.
 
 Inside `shard_map` over an axis of N devices, a bucket of leaves x_1..x_m of
@@ -76,7 +76,11 @@ def plan(
   bucket_bytes: float,
   bytes_per_element: int = 4,
 ) -> tuple[Bucket, ...]:
-  """Buckets in forward order (the first holds the first layers).
+  """Buckets ordered by their first layer, forward (the first holds the first layer).
+
+  Each layout kind is bucketed on its own, so a layer whose kernel is lazy and
+  whose bias is replicated has a part in two buckets: one buffer never mixes
+  kinds, and a large kernel alone in its bucket is gathered without a copy.
 
   Args:
     layer_order: layer names, forward order (every name in leaf_layers).
@@ -85,45 +89,36 @@ def plan(
     n: devices on the axis.
     bucket_bytes: a bucket is closed before a layer that would take it past
       this many bytes (a larger layer gets a bucket of its own; 0: one layer
-      per bucket); a change of layout kind also closes it. The first layer
-      always has a bucket of its own (the step starts by fetching it, with
-      nothing to overlap).
+      per bucket). A forward-first bucket of more than bucket_bytes / 16 gives
+      its first layer a bucket of its own: the step starts by fetching it, with
+      nothing to overlap, so it is kept small.
   """
   rank = {name: i for i, name in enumerate(layer_order)}
-  by_layer: dict[str, list[int]] = {}
-  for i, (layer, layout) in enumerate(zip(leaf_layers, leaf_layouts, strict=True)):
-    if layout.kind in SYNCED_KINDS:
-      by_layer.setdefault(layer, []).append(i)
-  groups: list[list[str]] = []  # layers per bucket, backward order
-  kind, used = None, 0.0
-  for layer in sorted(by_layer, key=rank.__getitem__, reverse=True):
-    kinds = {leaf_layouts[i].kind for i in by_layer[layer]}
-    if len(kinds) > 1:
-      raise ValueError(f"layer {layer!r} mixes parameter layouts {sorted(kinds)} in one bucket")
-    (layer_kind,) = kinds
-    size = sum(leaf_sizes[i] for i in by_layer[layer]) * bytes_per_element
-    if not groups or layer_kind != kind or used + size > bucket_bytes:
-      groups.append([])
-      kind, used = layer_kind, 0.0
-    groups[-1].append(layer)
-    used += size
-  if groups and len(groups[-1]) > 1:
-    # The first layer in a bucket of its own: the step's first gather waits for nothing
-    # and hides behind nothing, so keep it small; the next one hides behind that layer.
-    groups.append([groups[-1].pop()])
   buckets = []
-  for group in reversed(groups):
-    layers = tuple(reversed(group))
-    leaves = tuple(i for layer in layers for i in by_layer[layer])
-    buckets.append(
-      Bucket(
-        kind=leaf_layouts[leaves[0]].kind,
-        layers=layers,
-        leaves=leaves,
-        chunks=tuple(collectives.padded_size(leaf_sizes[i], n) // n for i in leaves),
-      )
-    )
-  return tuple(buckets)
+  for kind in SYNCED_KINDS:
+    by_layer: dict[str, list[int]] = {}
+    for i, (layer, layout) in enumerate(zip(leaf_layers, leaf_layouts, strict=True)):
+      if layout.kind == kind:
+        by_layer.setdefault(layer, []).append(i)
+    groups: list[list[str]] = []  # layers per bucket, backward order
+    used = 0.0
+    for layer in sorted(by_layer, key=rank.__getitem__, reverse=True):
+      size = sum(leaf_sizes[i] for i in by_layer[layer]) * bytes_per_element
+      if not groups or used + size > bucket_bytes:
+        groups.append([])
+        used = 0.0
+      groups[-1].append(layer)
+      used += size
+    if groups and len(groups[-1]) > 1:
+      first = sum(leaf_sizes[i] for layer in groups[-1] for i in by_layer[layer])
+      if first * bytes_per_element > bucket_bytes / 16:
+        groups.append([groups[-1].pop()])
+    for group in groups:
+      layers = tuple(reversed(group))
+      leaves = tuple(i for layer in layers for i in by_layer[layer])
+      chunks = tuple(collectives.padded_size(leaf_sizes[i], n) // n for i in leaves)
+      buckets.append(Bucket(kind, layers, leaves, chunks))
+  return tuple(sorted(buckets, key=lambda b: (rank[b.layers[0]], SYNCED_KINDS.index(b.kind))))
 
 
 def rows(x: jax.Array, n: int) -> jax.Array:

@@ -748,7 +748,8 @@ class ShardMapStrategy(Strategy):
 class _LayerFeed:
   """Inside the differentiated forward pass: each layer's parameters at its first use.
 
-  When a layer of bucket k is called with input x, buckets k and k + 1 are
+  When a layer of bucket k (the last of its buckets) is called with input x,
+  its buckets and bucket k + 1 are
   prepared (`prepare(k, x)`: the update) and passed through their
   `buckets.sync_point` (lazy buckets: the all-gather), so backward
   reduce-scatters each bucket's gradients there. So the
@@ -762,9 +763,10 @@ class _LayerFeed:
     self._parts: dict[int, jax.Array] = {}
     self.new_opt: dict[int, list] = {}
     self._done: set[int] = set()
-    self._bucket_of_layer = {
-      layer: k for k, bucket in enumerate(strategy.buckets) for layer in bucket.layers
-    }
+    self._buckets_of_layer: dict[str, list[int]] = {}
+    for k, bucket in enumerate(strategy.buckets):
+      for layer in bucket.layers:
+        self._buckets_of_layer.setdefault(layer, []).append(k)
     self._leaves_of_layer: dict[str, list[tuple[int, str]]] = {}
     for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(strategy.param_shapes)):
       names = _path_names(path)
@@ -794,16 +796,17 @@ class _LayerFeed:
 
     Use the returned x: it carries the sync points' backward ordering.
     """
-    k = self._bucket_of_layer.get(name)
-    if k is not None:
+    ks = self._buckets_of_layer.get(name, [])
+    if ks:
+      ks = [*ks, max(ks) + 1]  # this layer's buckets and the next one
       if not self._done:
         # The model's input: no gradient is needed there, and threading it through
         # the sync points would make backward compute one (a wasted convolution).
-        for j in (k, k + 1):
-          self._ensure(j, x)
+        for k in ks:
+          self._ensure(k, x)
       else:
-        x = self._ensure(k, x)
-        x = self._ensure(k + 1, x)
+        for k in ks:
+          x = self._ensure(k, x)
     return {key: self._usable[i] for i, key in self._leaves_of_layer[name]}, x
 
   def intercept(self, next_fun, args, kwargs, context):
@@ -882,8 +885,14 @@ def _replicated_layout(names, shape) -> layouts.Layout:
 
 
 def _lazy_layout(names, shape) -> layouts.Layout:
-  """Every parameter lazy: a bias is gathered with its kernel, in the same bucket."""
-  return layouts.LAZY
+  """Kernels lazy; biases replicated.
+
+  Biases are 0.01% of the weights: sharding them saves nothing. They form
+  replicated buckets of their own (`buckets.plan` buckets each kind apart), so
+  a kernel's bucket buffer is the kernel alone when it is large (FC1's 616 MB):
+  concatenating a bias into it would cost two copies of the kernel per step.
+  """
+  return layouts.LAZY if names[-1] == "kernel" else layouts.REPLICATED
 
 
 def _hybrid_layout(conv_layout: Callable):
