@@ -70,17 +70,3 @@ def to_full(stored: jax.Array, layout: Layout, shape: tuple[int, ...]) -> jax.Ar
   if layout.kind != "lazy":
     return stored
   return stored[: math.prod(shape)].reshape(shape)
-
-
-def local_for_use(
-  local: jax.Array, layout: Layout, shape: tuple[int, ...], axis: str, algorithm: str
-) -> jax.Array:
-  """Inside shard_map: the array a layer computes with, from this device's stored part.
-
-  LAZY parts are all-gathered here (backward: reduce-scattered); the others are
-  used as stored (replicated: full; split: the local slice).
-  """
-  if layout.kind != "lazy":
-    return local
-  full = collectives.all_gather_with_scatter_grad(local, axis, algorithm)
-  return full[: math.prod(shape)].reshape(shape)

@@ -8,8 +8,8 @@ gspmd    Flax partition specs (FC1/FC2 split on     XLA's own (jax.jit + GSPMD)
 data     replicated                                 per bucket: reduce-scatter in
                                                     backward, all-gather + update
                                                     before the bucket's next use
-lazy     1/N of every parameter per device          per bucket: all-gather before
-                                                    use, reduce-scatter in
+lazy     1/N of every kernel per device (biases     per bucket: all-gather before
+         replicated: 0.01% of the weights)          use, reduce-scatter in
                                                     backward, local-shard update
 hybrid   conv as data or lazy (parallel.conv);      conv buckets as data / lazy;
          FC1/FC2 split across all devices           FC activations gathered /
