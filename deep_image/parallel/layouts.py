@@ -3,12 +3,14 @@
 Three layouts cover the strategies of the paper:
 
 * `REPLICATED`: the full array on every device (data parallelism). Its
-  gradient is a per-device partial sum that the strategy all-reduces.
+  gradient is a per-device partial sum that the strategy reduce-scatters and
+  all-gathers (per bucket).
 * `LAZY`: the array is flattened, zero-padded to N*c and device r stores
   elements [r*c, (r+1)*c). Stored as a global [N*c] array sharded P(axis).
-  Inside the step the full weight is all-gathered just before use, and the
-  gather's VJP reduce-scatters the gradient, so each device receives exactly
-  the gradient of its own shard (the lazy update). The zero padding stays zero:
+  Inside the step the full weight is all-gathered just before use, with the
+  other weights of its bucket, and backward reduce-scatters the bucket's
+  gradient, so each device receives exactly the gradient of its own shard (the
+  lazy update; `deep_image.parallel.buckets`). The zero padding stays zero:
   its gradient is zero and every optimizer transformation is elementwise.
 * `split(dim)`: the full-shape array sharded along `dim` over the axis
   (tensor-parallel FC weights of the hybrid strategy). Device r stores the
