@@ -299,3 +299,20 @@ def test_bfloat16_convolutions_and_matmuls_run_in_bfloat16(strategy):
     assert sum(op == "dot_general" for op, *_ in ops) >= 8, dtype
   assert kinds["bfloat16"] == {("convolution", "bf16", "bf16"), ("dot_general", "bf16", "bf16")}
   assert kinds["float32"] == {("convolution", "f32", "f32"), ("dot_general", "f32", "f32")}
+
+
+# --- GPU flags -----------------------------------------------------------------
+
+
+def test_gpu_overlap_flags_are_added_once_and_never_override_the_user():
+  env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --foo=1"}
+  mesh_lib.add_gpu_overlap_flags(env)
+  mesh_lib.add_gpu_overlap_flags(env)  # idempotent
+  flags = env["XLA_FLAGS"].split()
+  assert "--xla_gpu_enable_latency_hiding_scheduler=false" in flags  # the user's value stays
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" not in flags
+  for flag in mesh_lib.GPU_OVERLAP_FLAGS[1:]:
+    assert flags.count(flag) == 1, (flag, flags)
+  empty = {}
+  mesh_lib.add_gpu_overlap_flags(empty)
+  assert empty["XLA_FLAGS"].split() == list(mesh_lib.GPU_OVERLAP_FLAGS)
