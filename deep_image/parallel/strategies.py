@@ -410,15 +410,17 @@ class ShardMapStrategy(Strategy):
 
   `layout_of(path, shape)` gives each parameter's `layouts.Layout`. One step:
 
-  1. (deferred) apply the pending update: per bucket of replicated
-     parameters, all-gather the reduced gradient chunks; then one optimizer
-     update of every stored part;
-  2. forward: per lazy bucket one all-gather of the stored shards; the model,
-     or conv + `fc_block` when FC weights are split;
+  1. (deferred) split parameters take their pending update (no communication);
+  2. forward: the model, or conv + `fc_block` when FC weights are split. Each
+     layer gets its parameters at its call (`_LayerFeed`), where its buckets
+     and the next one are prepared: (deferred) all-gather of a replicated
+     bucket's pending chunks and the update of the bucket's leaves; (lazy
+     buckets) one all-gather of the stored shards;
   3. backward: each bucket's `buckets.sync_point` reduce-scatters its
      gradients as soon as backward has passed its layers; split parameters'
      gradients are complete on their devices;
-  4. (none) apply the update now, as in 1; (deferred) keep it pending.
+  4. (none) all-gather + update every bucket now (`_apply_pending_local`);
+     (deferred) keep the reduced chunks as `TrainState.pending`.
   """
 
   def __init__(self, config, model, tx, mesh, name: str, layout_of: Callable, preprocess=None):
@@ -577,7 +579,8 @@ class ShardMapStrategy(Strategy):
     )
 
   def _apply_pending_local(self, params, opt_state, pending: PendingUpdate):
-    """Inside shard_map: one optimizer update of the stored parts with the pending gradients.
+    """Inside shard_map, at the end of an overlap='none' step: one optimizer update of the
+    stored parts with the step's reduced gradients.
 
     Replicated parameters need their whole gradient: one all-gather per bucket of
     chunks. Lazy and split parts update with their own part of the gradient.
@@ -748,13 +751,12 @@ class ShardMapStrategy(Strategy):
 class _LayerFeed:
   """Inside the differentiated forward pass: each layer's parameters at its first use.
 
-  When a layer of bucket k (the last of its buckets) is called with input x,
-  its buckets and bucket k + 1 are
-  prepared (`prepare(k, x)`: the update) and passed through their
-  `buckets.sync_point` (lazy buckets: the all-gather), so backward
-  reduce-scatters each bucket's gradients there. So the
-  work for bucket k + 1 can overlap bucket k's layers, and no bucket is
-  gathered before the forward pass is one bucket away from it.
+  When a layer whose last bucket is k is called with input x, its buckets and
+  bucket k + 1 are prepared (`prepare(k, x)`: the update) and passed through
+  their `buckets.sync_point` (lazy buckets: the all-gather), so backward
+  reduce-scatters each bucket's gradients there. So the work for bucket k + 1
+  can overlap bucket k's layers, and no bucket is gathered before the forward
+  pass is one bucket away from it.
   """
 
   def __init__(self, strategy: ShardMapStrategy, slots, split_ids, split_leaves, prepare):
