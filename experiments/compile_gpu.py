@@ -459,22 +459,22 @@ def _cuda_missing() -> str | None:
 
 
 def make_config(cfg: Configuration, bucket_mb: float):
-  """The base config (experiments/configs/base.py) with the flags' model, batch and parallel.
+  """`experiments.benchmark_step.make_config` with the flags' model, batch and dtype, and
+  the configuration's parallel fields."""
+  from experiments.benchmark_step import make_config as step_config
 
-  As `experiments.benchmark_step.make_config`, which cannot be imported here: that
-  module defines absl flags of the same names.
-  """
-  from experiments.configs import base
-
-  c = base.get_config()
-  c.model.name, c.model.image_size = FLAGS.model, FLAGS.image_size
-  c.model.num_classes, c.model.dtype = FLAGS.classes, FLAGS.dtype
-  c.data.augment.crop_size = FLAGS.image_size
-  c.data.train_scale = c.data.eval_scale = max(c.data.train_scale, FLAGS.image_size)
-  c.train.batch_size = FLAGS.batch
-  par = c.parallel
-  par.strategy, par.collective, par.conv = cfg.strategy, cfg.collective, FLAGS.conv
-  par.overlap, par.bucket_mb = cfg.overlap, bucket_mb
+  c = step_config(
+    FLAGS.model,
+    FLAGS.image_size,
+    FLAGS.batch,
+    cfg.strategy,
+    cfg.collective,
+    FLAGS.conv,
+    FLAGS.classes,
+    overlap=cfg.overlap,
+  )
+  c.model.dtype = FLAGS.dtype
+  c.parallel.bucket_mb = bucket_mb
   return c
 
 
