@@ -129,22 +129,35 @@ def _peak_flops(kind: str) -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-def measure(label, strategy_name, collective, conv, overlap, devices) -> dict:
-  """Time one configuration; profile 3 steps when there are several GPUs."""
+def measure(
+  config: tuple[str, str, str, str, str],
+  devices,
+  *,
+  model: str,
+  image_size: int,
+  per_device_batch: int,
+  steps: int,
+  dtype: str,
+  classes: int = 1000,
+) -> dict:
+  """One row: time `steps` steps of `config` (a `CONFIGS` entry) on `devices`; with
+  several devices, profile 3 more and measure the collectives' overlap (GPU planes only).
+  """
+  label, strategy_name, collective, conv, overlap = config
   n = len(devices)
-  batch = FLAGS.per_device_batch * n
+  batch = per_device_batch * n
   cfg = make_config(
-    FLAGS.model, FLAGS.image_size, batch, strategy_name, collective, conv, 1000, overlap
+    model, image_size, batch, strategy_name, collective, conv, classes, overlap=overlap
   )
-  cfg.model.dtype = FLAGS.dtype
+  cfg.model.dtype = dtype
   strategy = make_strategy(cfg, devices)
   state = strategy.init(jax.random.key(0))
   rng = np.random.default_rng(0)
-  s = FLAGS.image_size
   images = jax.device_put(
-    rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), strategy.batch_sharding
+    rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+    strategy.batch_sharding,
   )
-  labels = jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), strategy.batch_sharding)
+  labels = jax.device_put(rng.integers(0, classes, batch).astype(np.int32), strategy.batch_sharding)
   for _ in range(2):  # compile + warm up
     state, metrics = strategy.train_step(state, images, labels)
   jax.block_until_ready(metrics)
@@ -153,10 +166,10 @@ def measure(label, strategy_name, collective, conv, overlap, devices) -> dict:
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0)) * n  # per-device program
   t0 = time.perf_counter()
-  for _ in range(FLAGS.steps):
+  for _ in range(steps):
     state, metrics = strategy.train_step(state, images, labels)
   jax.block_until_ready(metrics)
-  step = (time.perf_counter() - t0) / FLAGS.steps
+  step = (time.perf_counter() - t0) / steps
   peak = _peak_flops(devices[0].device_kind)
   row = {
     "configuration": label,
@@ -172,9 +185,11 @@ def measure(label, strategy_name, collective, conv, overlap, devices) -> dict:
         for _ in range(3):
           state, metrics = strategy.train_step(state, images, labels)
         jax.block_until_ready(metrics)
-      fractions = [overlap_fraction(e) for e in device_kernel_events(trace_dir).values()]
+      planes = device_kernel_events(trace_dir)
+      fractions = [overlap_fraction(events) for events in planes.values()]
     fractions = [f for f in fractions if f is not None]
-    row["overlap"] = f"{np.mean(fractions):.0%}" if fractions else "no collectives"
+    # No GPU plane (e.g. CPU devices), or GPUs without collective kernels: left empty.
+    row["overlap"] = f"{np.mean(fractions):.0%}" if fractions else ""
   logging.info("%s: %s", label, row)
   return row
 
@@ -187,7 +202,18 @@ def main(argv):
   if devices[0].platform != "gpu":
     sys.exit(f"benchmark_gpu needs GPUs; JAX found {devices[0].platform} devices")
   command = " ".join(["python -m experiments.benchmark_gpu"] + sys.argv[1:])
-  rows = [measure(*config, devices) for config in CONFIGS]
+  rows = [
+    measure(
+      config,
+      devices,
+      model=FLAGS.model,
+      image_size=FLAGS.image_size,
+      per_device_batch=FLAGS.per_device_batch,
+      steps=FLAGS.steps,
+      dtype=FLAGS.dtype,
+    )
+    for config in CONFIGS
+  ]
   n = len(devices)
   parts = [
     "## GPU step benchmark",

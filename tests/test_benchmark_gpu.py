@@ -1,8 +1,10 @@
-"""The overlap measure of experiments.benchmark_gpu, on hand-made kernel timelines."""
+"""experiments.benchmark_gpu: the overlap measure on hand-made kernel timelines, and one
+row measured for real on CPU devices."""
 
+import jax
 import pytest
 
-from experiments.benchmark_gpu import overlap_fraction
+from experiments.benchmark_gpu import CONFIGS, measure, overlap_fraction
 
 
 def test_overlap_is_the_collective_time_shared_with_compute():
@@ -20,3 +22,22 @@ def test_all_and_nothing():
   assert overlap_fraction(hidden) == 1.0
   assert overlap_fraction([("NCCL x", 0.0, 1.0), ("gemm", 1.0, 2.0)]) == 0.0
   assert overlap_fraction([("gemm", 0.0, 1.0)]) is None  # one GPU: no collectives
+
+
+def test_a_row_measures_a_real_step_and_profiles_it():
+  """The whole measurement path on 2 CPU devices (the GPU-only parts leave the overlap empty)."""
+  lazy_deferred = next(c for c in CONFIGS if c[0] == "lazy / deferred")
+  row = measure(
+    lazy_deferred,
+    jax.devices()[:2],
+    model="vgg_tiny",
+    image_size=8,
+    per_device_batch=2,
+    steps=2,
+    dtype="float32",
+    classes=10,
+  )
+  assert row["configuration"] == "lazy / deferred"
+  assert float(row["images/s"].replace(",", "")) > 0 and float(row["step ms"]) > 0
+  assert 0 < float(row["loss"]) < 10
+  assert row["MFU"] == "" and row["overlap"] == ""  # CPU: no peak FLOP/s, no GPU trace
