@@ -171,6 +171,16 @@ def test_one_bucket_per_layer_trains_like_one_device(strategy, conv, overlap):
   assert_same_trajectory(got, reference(), FLOAT32_TOL)
 
 
+@pytest.mark.parametrize("conv,n,parts", [("data", 4, 2), ("lazy", 2, 3)])
+def test_the_hybrid_head_in_micro_batches_trains_like_one_device(conv, n, parts):
+  """parallel.fc_micro_batches (auto: 1 on CPU, 2 on GPUs) set explicitly: same SGD, same
+  dropout masks, whatever the parts."""
+  config = tiny_config("hybrid", "butterfly", conv)
+  config.parallel.fc_micro_batches = parts  # the local batch: 6 (n=4) or 12 (n=2)
+  got = run_steps(config, n)
+  assert_same_trajectory(got, reference(), FLOAT32_TOL)
+
+
 @pytest.mark.parametrize("strategy,conv", [("data", "data"), ("lazy", "data"), ("hybrid", "data")])
 def test_deferred_state_holds_the_weights_one_update_behind(strategy, conv):
   """Guards the deferral itself: after step t the stored weights are those after t - 1

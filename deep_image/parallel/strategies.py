@@ -95,8 +95,10 @@ def validate_parallel_config(config, num_devices: int) -> None:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   if par.overlap not in OVERLAPS:
     raise ConfigError(f"parallel.overlap={par.overlap!r} must be one of {OVERLAPS}")
-  if not (isinstance(par.fc_micro_batches, int) and par.fc_micro_batches >= 1):
-    raise ConfigError(f"parallel.fc_micro_batches={par.fc_micro_batches!r} must be an int >= 1")
+  if not (isinstance(par.fc_micro_batches, int) and par.fc_micro_batches >= 0):
+    raise ConfigError(
+      f"parallel.fc_micro_batches={par.fc_micro_batches!r} must be an int >= 0 (0: auto)"
+    )
   if not par.bucket_mb >= 0:
     raise ConfigError(f"parallel.bucket_mb={par.bucket_mb!r} must be >= 0 (0: a bucket per layer)")
   names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
@@ -451,6 +453,11 @@ class ShardMapStrategy(Strategy):
       par.bucket_mb * 2**20,
     )
     self.tensor_parallel_fc = any(lo.kind == "split" for lo in self._leaf_layouts)
+    # 0 (auto): 2 parts on GPUs, where one part's collectives hide behind the other's
+    # products; 1 elsewhere: on CPU every collective is a synchronous rendezvous, so
+    # twice the collectives only cost (BENCHMARKS.md, "Gradient pipeline").
+    gpu = mesh.devices.flat[0].platform == "gpu"
+    self.fc_micro_batches = par.fc_micro_batches or (2 if gpu else 1)
     self._to_full = None
 
   # --- layout of the state -------------------------------------------------
@@ -565,7 +572,7 @@ class ShardMapStrategy(Strategy):
     fc = {}
     for k in ("fc1", "fc2", "fc3"):
       fc[k], feats = feed.layer(k, feats)
-    parts = self.config.parallel.fc_micro_batches
+    parts = self.fc_micro_batches
     return fc_block.tensor_parallel_head(
       fc,
       feats,

@@ -73,7 +73,7 @@ parallel.collective                     'butterfly'      'butterfly' | 'ring' | 
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
 parallel.overlap                        'deferred'       'none' | 'deferred' (update in next step)
 parallel.bucket_mb                      25.0             MiB of gradients per bucket (0: per layer)
-parallel.fc_micro_batches               2                hybrid: FC head in parts (overlap)
+parallel.fc_micro_batches               0                hybrid FC head in parts (0: GPU 2, else 1)
 parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1: the rest
 parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
 parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
@@ -146,7 +146,7 @@ def _job() -> ml_collections.ConfigDict:
   c.parallel.conv = "data"
   c.parallel.overlap = "deferred"
   c.parallel.bucket_mb = 25.0
-  c.parallel.fc_micro_batches = 2
+  c.parallel.fc_micro_batches = 0
   c.parallel.mesh = (("data", -1),)
   c.parallel.model_axes = ()
   c.parallel.shard_fc = True
