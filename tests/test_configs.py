@@ -141,6 +141,22 @@ def test_command_line_overrides_reach_every_declared_field():
     _parse("--config=experiments/configs/default.py:huge")
 
 
+def test_the_scaling_batch_follows_a_device_count_given_on_the_command_line():
+  """64 images per device whatever --config.parallel.num_devices says, unless the batch is
+  given outright (it used to be computed before the command line applied: 512 on 16)."""
+  assert _parse("--config=experiments/configs/scaling.py").train.batch_size == 64 * 8
+  c = _parse("--config=experiments/configs/scaling.py", "--config.parallel.num_devices=16")
+  assert c.train.batch_size == 64 * 16
+  tiny = _parse("--config=experiments/configs/scaling.py:tiny", "--config.parallel.num_devices=2")
+  assert tiny.train.batch_size == 4 * 2
+  c = _parse(
+    "--config=experiments/configs/scaling.py",
+    "--config.parallel.num_devices=16",
+    "--config.train.batch_size=128",
+  )
+  assert c.train.batch_size == 128 and c.parallel.num_devices == 16
+
+
 # `.get(name, default)` on a config: a second set of defaults hidden in library code.
 _CONFIG_GET = re.compile(r"\b(config|cfg|\w+_cfg|\w+_config|par|parallel)\b(\.\w+)*\.get\(")
 

@@ -21,7 +21,7 @@ sweep_train_scale = table2.sweep_train_scale
 def tiny(c: ml_collections.ConfigDict) -> None:
   """table2's `tiny`, 4 images per device."""
   table2.tiny(c)
-  c.train.batch_size = 4 * c.parallel.num_devices
+  c.train.batch_size = c.parallel.get_ref("num_devices") * 4
 
 
 VARIANTS: dict[str, base.Variant] = {"tiny": tiny}
@@ -31,5 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The scaling-study job; `arg`: comma-separated variants ('tiny')."""
   c = table2.table2()
   c.model.name = "scaling_8conv_3fc"
-  c.train.batch_size = 64 * c.parallel.num_devices
+  # A reference, not a number: `--config.parallel.num_devices=16` (applied after this
+  # function) then gives 64 x 16; `--config.train.batch_size=...` still sets it outright.
+  c.train.batch_size = c.parallel.get_ref("num_devices") * 64
   return base.apply_variants(c, arg, VARIANTS)
