@@ -3,18 +3,23 @@
 Train (`make_train_iterator`), per process:
 
   MapDataset.source(src), _EpochShuffle    one permutation per epoch (repeat reseeds it)
-    [: N - N % P][process_index::P]        equal, disjoint shards of every epoch
-    .repeat()                              endless
+    .repeat()                              the global stream: position i of epoch i // N
     .random_map(record -> example, seed)   decode, resize shorter side to S, then either
                                              'host':   random c x c crop + augmentations
                                              'device': an S x S window + the sampled params
-    .to_iter_dataset().batch(b, drop)      b = global batch / P
+    _ProcessRows(B, process_index, P)      this process's rows of every global batch:
+                                             global batch g is positions [g B, (g+1) B),
+                                             process p reads [g B + p b, g B + (p+1) b)
+    .to_iter_dataset().batch(b, drop)      b = global batch / P (with workers: batched
+                                             first, so each worker makes whole batches)
     .mp_prefetch(num_workers)              when data.num_workers > 0
 
-The per-record generator of `random_map` is a pure function of (seed, epoch, position), so
-the same seed gives the same batches and augmentations, with or without workers, and
+The per-record generator of `random_map` is a pure function of (seed, global position), and
+the order of the global stream of (seed, epoch): the same seed gives the same global batches
+and augmentations on any number of processes (process p's devices hold rows [p b, (p+1) b)
+of each global batch, `global_batch.to_global`), with or without workers, and
 `get_state()` / `set_state()` of the returned Grain iterator resume the exact stream (for
-the same worker count).
+the same process and worker counts).
 
 With `augment_on='device'` the workers do only the decoding and resizing; the crop and
 augmentations run batched inside the jitted step (`augment_device.augment_batch`, also
@@ -272,9 +277,13 @@ def _close_open() -> None:
     it.close()
 
 
+def _worker_count(data_cfg: Any, num_workers: int | None) -> int:
+  return max(0, int(data_cfg.num_workers if num_workers is None else num_workers))
+
+
 def _iterate(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
   """iter(ds) in process, or a `WorkerIterator` over `mp_prefetch` worker processes."""
-  workers = int(data_cfg.num_workers if num_workers is None else num_workers)
+  workers = _worker_count(data_cfg, num_workers)
   if workers <= 0:
     return iter(ds)
   ensure_grain_flags()
@@ -349,6 +358,31 @@ class _EpochShuffle(grain.MapDataset):
     return self._parent[int(self._permutation(epoch)[position]) + epoch * n]
 
 
+class _ProcessRows(grain.MapDataset):
+  """Index j of process p -> position g B + p b + o of the global stream (g, o = divmod(j, b)).
+
+  The rows of every global batch that this process's devices hold, in order; with one
+  process the identity.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._global, self._index, self._count = global_batch, index, count
+    self._local = global_batch // count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __str__(self) -> str:
+    return f"ProcessRows(batch={self._global}, process={self._index} of {self._count})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g, o = divmod(int(index), self._local)
+    return self._parent[g * self._global + self._index * self._local + o]
+
+
 def _op_seed(seed: int, op: int) -> int:
   # Independent, explicit per-op seeds: Grain's derived seeds depend on the pipeline's shape.
   return int(np.random.SeedSequence([int(seed), op]).generate_state(1)[0])
@@ -370,9 +404,13 @@ def make_train_iterator(
     data_cfg: `config.data` (source fields as `sources.make_source`, plus `default_config()`).
     global_batch_size: examples per step over all processes (`train.batch_size`).
     seed: shuffling and augmentation seed.
-    process_index, process_count: this process's shard of every epoch.
+    process_index, process_count: this process reads rows [p b, (p+1) b) of every global
+      batch.
     num_workers: overrides `data_cfg.num_workers` (0 = in-process).
     source: a random-access source; `make_source(data_cfg, 'train')` when None.
+
+  Every process reads its rows of the same global stream (module docstring), so P
+  processes together yield exactly the batches of one process with the same global batch.
 
   Returns:
     a Grain DatasetIterator, or with workers a `WorkerIterator` owning one (both with
@@ -384,7 +422,7 @@ def make_train_iterator(
 
   Raises:
     ValueError: the batch does not divide over the processes, an unknown `augment_on`, a
-      crop larger than the train scale, or a shard smaller than one batch.
+      crop larger than the train scale, or fewer examples than one global batch.
   """
   b = _host_batch_size(global_batch_size, process_count)
   check_augment_on(data_cfg)
@@ -392,17 +430,23 @@ def make_train_iterator(
   check_crop_fits(data_cfg, "train_scale")
   scale, aug_cfg = int(data_cfg.train_scale), data_cfg.augment
   src = make_source(data_cfg, "train") if source is None else source
-  n = len(src) - len(src) % process_count
-  if n // process_count < b:
+  if len(src) < global_batch_size:
     raise ValueError(
-      f"{len(src)} training examples give {n // process_count} per process, fewer than one "
-      f"host batch of {b} (train.batch_size={global_batch_size})"
+      f"{len(src)} training examples are fewer than one global batch "
+      f"(train.batch_size={global_batch_size})"
     )
-  ds = _EpochShuffle(grain.MapDataset.source(src), seed=_op_seed(seed, 0))
-  ds = ds[:n][process_index::process_count].repeat()
+  ds = _EpochShuffle(grain.MapDataset.source(src), seed=_op_seed(seed, 0)).repeat()
   example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
-  ds = ds.to_iter_dataset(_read_options(data_cfg, num_workers)).batch(b, drop_remainder=True)
+  ds = _ProcessRows(ds, global_batch_size, process_index, process_count)
+  options = _read_options(data_cfg, num_workers)
+  if _worker_count(data_cfg, num_workers):
+    # Workers take every W-th element of what they are given: whole batches, so batch k
+    # holds the same rows as without workers (batching inside each worker would fill batch
+    # k with every W-th row instead).
+    ds = ds.batch(b, drop_remainder=True).to_iter_dataset(options)
+  else:
+    ds = ds.to_iter_dataset(options).batch(b, drop_remainder=True)
   return _iterate(ds, data_cfg, num_workers)
 
 
