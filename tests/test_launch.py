@@ -88,3 +88,27 @@ def test_a_failing_process_fails_the_launch(tmp_path):
   assert "parallel.num_devices=3 does not divide over parallel.num_processes=2" in (
     (tmp_path / "process_0.log").read_text()
   )
+
+
+def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
+  """2 processes x 4 devices for 3 steps, then 1 process x 8 devices to step 6 in the same
+  workdir: the same losses as 1 x 8 from the start (the global stream resumes at step 3)."""
+  env = dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
+  first = [f"--workdir={tmp_path / 'run'}", "--config.parallel.num_devices=4", *TINY_JOB_FLAGS]
+  job = [a for a in JOB if "num_steps" not in a and "log_every" not in a]
+  run = subprocess.run(
+    [sys.executable, "-m", "launch.local", "--num_processes=2", "--", *first, *job,
+     "--config.train.num_steps=3", "--config.train.log_every=1"],
+    capture_output=True, text=True, env=env, timeout=400,
+  )  # fmt: skip
+  assert run.returncode == 0, run.stderr[-2000:]
+  later = ("--config.train.num_steps=6", "--config.train.log_every=1", *job)
+  resumed = train_cli(tmp_path / "run", "--config.parallel.num_devices=8", *later)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from step 3" in resumed.stderr
+  assert "resumes at global batch 3 of the same stream" in resumed.stderr
+  whole = train_cli(tmp_path / "whole", "--config.parallel.num_devices=8", *later)
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  got, want = _losses(tmp_path / "run"), _losses(tmp_path / "whole")
+  assert len(got) == len(want) == 6
+  np.testing.assert_allclose(got, want, rtol=1e-5)

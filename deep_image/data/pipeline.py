@@ -397,6 +397,7 @@ def make_train_iterator(
   process_count: int = 1,
   num_workers: int | None = None,
   source: Any = None,
+  start_batch: int = 0,
 ) -> grain.DatasetIterator:
   """Endless, shuffled, augmented host-local training batches of this process.
 
@@ -408,6 +409,8 @@ def make_train_iterator(
       batch.
     num_workers: overrides `data_cfg.num_workers` (0 = in-process).
     source: a random-access source; `make_source(data_cfg, 'train')` when None.
+    start_batch: the first global batch to yield: the stream resumed at a step on any
+      number of processes or workers (a checkpoint from another topology).
 
   Every process reads its rows of the same global stream (module docstring), so P
   processes together yield exactly the batches of one process with the same global batch.
@@ -444,9 +447,9 @@ def make_train_iterator(
     # Workers take every W-th element of what they are given: whole batches, so batch k
     # holds the same rows as without workers (batching inside each worker would fill batch
     # k with every W-th row instead).
-    ds = ds.batch(b, drop_remainder=True).to_iter_dataset(options)
+    ds = ds.batch(b, drop_remainder=True)[start_batch:].to_iter_dataset(options)
   else:
-    ds = ds.to_iter_dataset(options).batch(b, drop_remainder=True)
+    ds = ds[start_batch * b :].to_iter_dataset(options).batch(b, drop_remainder=True)
   return _iterate(ds, data_cfg, num_workers)
 
 

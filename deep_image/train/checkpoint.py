@@ -34,8 +34,10 @@ Restoring (`restore`):
   turned into the model's layout (a lazy leaf is the flattened, zero-padded
   parameter: its first `size` elements), a saved pending update is applied,
   and the result laid out for the new strategy, optimizer state included.
-  The input stream restarts its epoch order only when its layout changed too
-  (another process or worker count).
+  The input resumes from its saved per-process positions when the process and
+  worker counts are as saved; otherwise it is positioned at the saved step of
+  its stream (`TrainInput.start_at`), which for Grain is exactly the stream the
+  saved run read (it is global: a function of seed and global position).
 In both cases the model and optimizer fields of the saved config must equal
 the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
 that differs.
@@ -288,9 +290,14 @@ class Checkpointer:
         args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(InputState(input_source))),
       )
     else:
-      logging.warning(
-        "%s: the input was %s with %d processes and %d workers, now %s with %d and %d: the "
-        "data order restarts instead of resuming exactly",
+      # Another process or worker count (or input kind): the saved positions are per
+      # process, but the Grain stream is global, so it resumes at the saved step exactly.
+      same_kind = meta["input"].split(" ")[0] == input_source.kind.split(" ")[0]
+      exact = input_source.start_at(step) and same_kind
+      log = logging.info if exact else logging.warning
+      log(
+        "%s: the input was %s with %d processes and %d workers, now %s with %d and %d: it "
+        "resumes at global batch %d %s",
         where,
         meta["input"],
         meta["process_count"],
@@ -298,6 +305,10 @@ class Checkpointer:
         input_source.kind,
         jax.process_count(),
         int(config.data.num_workers),
+        step,
+        "of the same stream"
+        if exact
+        else "of its own stream (not the batches the saved run would have read next)",
       )
     return state
 

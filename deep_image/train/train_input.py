@@ -29,6 +29,7 @@ class TrainInput:
 
   def __init__(self, config, batch_sharding, source):
     self.batch_sharding = batch_sharding
+    self._config, self._source = config, source
     self._cache = None
     if config.data.cache_on_device:
       self._cache = device_cache.DeviceCache.build(
@@ -43,14 +44,19 @@ class TrainInput:
       self._grain = None
     else:
       self.kind = f"grain ({config.data.num_workers} workers, augment on {config.data.augment_on})"
-      self._grain = pipeline.make_train_iterator(
-        config.data,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        source=source,
-      )
+      self._grain = self._grain_iterator(0)
+
+  def _grain_iterator(self, start_batch: int):
+    config = self._config
+    return pipeline.make_train_iterator(
+      config.data,
+      global_batch_size=config.train.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      source=self._source,
+      start_batch=start_batch,
+    )
 
   def __iter__(self):
     return self
@@ -70,3 +76,19 @@ class TrainInput:
 
   def set_state(self, state: dict) -> None:
     (self._grain if self._cache is None else self._cache).set_state(state)
+
+  def start_at(self, step: int) -> bool:
+    """Position the input at global batch `step`, whatever wrote the checkpoint.
+
+    Returns whether this is exactly the stream the run read before: yes for Grain (a
+    function of (seed, epoch, global position), the same on any number of processes
+    and workers); for the device cache only when its shards are as before, which the
+    caller knows (the device count).
+    """
+    if self._cache is not None:
+      self._cache.set_state({"step": int(step)})
+      return False
+    if hasattr(self._grain, "close"):
+      self._grain.close()
+    self._grain = self._grain_iterator(int(step))
+    return True
