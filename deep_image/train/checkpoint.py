@@ -293,7 +293,8 @@ class Checkpointer:
       # Another process or worker count (or input kind): the saved positions are per
       # process, but the Grain stream is global, so it resumes at the saved step exactly.
       same_kind = meta["input"].split(" ")[0] == input_source.kind.split(" ")[0]
-      exact = input_source.start_at(step) and same_kind
+      any_devices = input_source.start_at(step)
+      exact = same_kind and (any_devices or meta["num_devices"] == strategy.mesh.size)
       log = logging.info if exact else logging.warning
       log(
         "%s: the input was %s with %d processes and %d workers, now %s with %d and %d: it "

@@ -80,10 +80,10 @@ class TrainInput:
   def start_at(self, step: int) -> bool:
     """Position the input at global batch `step`, whatever wrote the checkpoint.
 
-    Returns whether this is exactly the stream the run read before: yes for Grain (a
-    function of (seed, epoch, global position), the same on any number of processes
-    and workers); for the device cache only when its shards are as before, which the
-    caller knows (the device count).
+    Returns whether the stream is the same on any device count: True for Grain (a
+    function of (seed, epoch, global position) only, on any number of processes and
+    workers); False for the device cache, whose batches are drawn per device shard, so
+    it resumes exactly only on as many devices as before (the caller knows).
     """
     if self._cache is not None:
       self._cache.set_state({"step": int(step)})
