@@ -29,6 +29,11 @@ class CountingInput:
   def set_state(self, state):
     self.read = state["read"]
 
+  def start_at(self, step):
+    """`TrainInput.start_at`: positioned at a global step (a stream like Grain's)."""
+    self.started_at = step
+    return True
+
 
 def config_for(strategy, **overrides):
   return tiny_config(
@@ -169,11 +174,13 @@ def test_the_input_position_is_restored(tmp_path):
   fresh = CountingInput()
   Checkpointer(str(tmp_path), keep=1).restore(0, s, cfg, fresh)
   assert fresh.read == 7
-  # Another input kind (or process / worker count): the state is not forced onto it.
+  assert not hasattr(fresh, "started_at")
+  # Another input kind (or process / worker count): the saved per-process state is not
+  # forced onto it; it is positioned at the saved step instead.
   other = CountingInput()
   other.kind = "device cache"
   Checkpointer(str(tmp_path), keep=1).restore(0, s, cfg, other)
-  assert other.read == 0
+  assert other.read == 0 and other.started_at == 0
 
 
 def test_the_optimizer_state_is_laid_out_like_the_parameters(tmp_path):
