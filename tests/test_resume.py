@@ -14,15 +14,20 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import PATIENT_COLLECTIVES
 from conftest import tiny_config as tiny
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deep_image.config_error import ConfigError
+from deep_image.data.sources import make_source
 from deep_image.train import train_and_evaluate
 from deep_image.train.checkpoint import Checkpointer
 from deep_image.train.metrics import read_metrics
+from deep_image.train.train_input import TrainInput
 
 NUM_STEPS = 24
 JOB = (
@@ -227,3 +232,25 @@ def test_a_run_resumed_on_fewer_devices_reads_the_same_stream(tmp_path):
   want, _ = read_metrics(str(tmp_path / "whole"))
   assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+
+
+def test_a_stream_positioned_at_a_step_saves_and_resumes_its_absolute_position():
+  """start_at(3), 2 batches, save; a fresh input restored from that state reads batch 5 of
+  the stream, as an input read from the start does (a state relative to the start_at
+  offset would replay batch 2)."""
+  config = tiny()
+  sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+  source = make_source(config.data, "train")
+
+  def labels(batch):
+    return np.asarray(batch[1])
+
+  whole = TrainInput(config, sharding, source)
+  want = [labels(next(whole)) for _ in range(6)]
+  moved = TrainInput(config, sharding, source)
+  assert moved.start_at(3)
+  np.testing.assert_array_equal(labels(next(moved)), want[3])
+  next(moved)
+  restored = TrainInput(config, sharding, source)
+  restored.set_state(moved.get_state())
+  np.testing.assert_array_equal(labels(next(restored)), want[5])

@@ -47,6 +47,8 @@ class TrainInput:
       self._grain = self._grain_iterator(0)
 
   def _grain_iterator(self, start_batch: int):
+    # Positions in a saved Grain state count from here (`get_state` records it).
+    self._start_batch = start_batch
     config = self._config
     return pipeline.make_train_iterator(
       config.data,
@@ -72,10 +74,24 @@ class TrainInput:
 
   def get_state(self) -> dict:
     """The position after the batches read so far (JSON-able)."""
-    return (self._grain if self._cache is None else self._cache).get_state()
+    if self._cache is not None:
+      return self._cache.get_state()
+    return {"start_batch": self._start_batch, "grain": self._grain.get_state()}
 
   def set_state(self, state: dict) -> None:
-    (self._grain if self._cache is None else self._cache).set_state(state)
+    if self._cache is not None:
+      self._cache.set_state(state)
+      return
+    if "grain" not in state:  # written before start_at existed: Grain's own state
+      state = {"start_batch": 0, "grain": state}
+    if state["start_batch"] != self._start_batch:
+      self._replace_grain(state["start_batch"])
+    self._grain.set_state(state["grain"])
+
+  def _replace_grain(self, start_batch: int) -> None:
+    if hasattr(self._grain, "close"):
+      self._grain.close()
+    self._grain = self._grain_iterator(start_batch)
 
   def start_at(self, step: int) -> bool:
     """Position the input at global batch `step`, whatever wrote the checkpoint.
@@ -88,7 +104,5 @@ class TrainInput:
     if self._cache is not None:
       self._cache.set_state({"step": int(step)})
       return False
-    if hasattr(self._grain, "close"):
-      self._grain.close()
-    self._grain = self._grain_iterator(int(step))
+    self._replace_grain(int(step))
     return True
