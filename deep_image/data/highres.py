@@ -159,6 +159,13 @@ def _draw_grating(image, x, y, side, period, angle_deg, rng) -> None:
   image[y0:y1, x0:x1] = (1 - alpha) * image[y0:y1, x0:x1] + alpha * disc
 
 
+def _class_names(classes: str) -> tuple[str, ...]:
+  """The names of a class set; ValueError naming `classes` for an unknown one."""
+  if classes not in CLASS_SETS:
+    raise ValueError(f"highres classes={classes!r}: expected one of {sorted(CLASS_SETS)}")
+  return CLASS_SETS[classes]
+
+
 def render_scene(
   rng: np.random.Generator,
   label: int,
@@ -182,9 +189,7 @@ def render_scene(
   Returns:
     image uint8 [S, S, 3]; boxes float32 [K, 4] (x0, y0, x1, y1) of the K class objects.
   """
-  if classes not in CLASS_SETS:
-    raise ValueError(f"highres classes={classes!r}: expected one of {sorted(CLASS_SETS)}")
-  limit = len(CLASS_SETS[classes])
+  limit = len(_class_names(classes))
   if not 0 <= label < limit:
     raise ValueError(f"label {label} outside [0, {limit})")
   canvas = _texture(rng, image_size)
@@ -241,9 +246,7 @@ class HighResSource:
     """Args: see `render_scene`; `split` is 'train' or 'validation' ('test'/'eval' alias it)."""
     if split not in SPLIT_CODES:
       raise ValueError(f"highres split {split!r}: expected one of {sorted(SPLIT_CODES)}")
-    if classes not in CLASS_SETS:
-      raise ValueError(f"highres classes={classes!r}: expected one of {sorted(CLASS_SETS)}")
-    limit = len(CLASS_SETS[classes])
+    limit = len(_class_names(classes))
     if not 2 <= num_classes <= limit:
       raise ValueError(f"highres num_classes {num_classes}: expected 2..{limit} with {classes!r}")
     if min(object_size) < 2 or max(object_size) * 4 > image_size:

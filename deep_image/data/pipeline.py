@@ -304,8 +304,7 @@ READ_AHEAD = 64
 
 
 def _read_options(data_cfg: Any, num_workers: int | None) -> grain.ReadOptions:
-  workers = int(data_cfg.num_workers if num_workers is None else num_workers)
-  if workers > 0:
+  if _worker_count(data_cfg, num_workers):
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain.ReadOptions(
     num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD if READ_THREADS else 0
