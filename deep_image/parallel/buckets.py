@@ -16,8 +16,8 @@ so row r of the buffer is device r's chunk of every leaf, and chunk r of a
 leaf is exactly what `layouts.LAZY` stores on device r. Then:
 
 ======================  =====================================================
-`gather(shards)`        one all-gather: device r's [C] (its chunks) ->
-                        every leaf's flat, padded [N c_i] on every device
+`gather(shards,         one all-gather: device r's [C] (its chunks) ->
+  shapes)`              every leaf, of its shape, on every device
 `sync_point(slot, xs,   identity on the usable leaves xs; in backward, one
   after)`
                         reduce-scatter of their cotangents' [N, C] buffer, so
@@ -140,13 +140,16 @@ def split_chunks(buffer: jax.Array, chunks: tuple[int, ...]) -> list[jax.Array]:
   return [buffer[..., a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def gather(shards: list[jax.Array], axis_name: str, algorithm: str) -> list[jax.Array]:
-  """One all-gather for a bucket: device r's chunks [c_i] -> every leaf's flat [N c_i]."""
+def gather(
+  shards: list[jax.Array], shapes: tuple, axis_name: str, algorithm: str
+) -> list[jax.Array]:
+  """One all-gather for a bucket: device r's chunks [c_i] -> every leaf, of its shape."""
   chunks = tuple(s.shape[0] for s in shards)
   local = jnp.concatenate(shards) if len(shards) > 1 else shards[0]
   full = collectives.all_gather(local, axis_name, algorithm=algorithm)
   n = full.shape[0] // local.shape[0]
-  return [r.reshape(-1) for r in split_chunks(full.reshape(n, -1), chunks)]
+  rows = split_chunks(full.reshape(n, -1), chunks)
+  return [r.reshape(-1)[: math.prod(s)].reshape(s) for r, s in zip(rows, shapes, strict=True)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -177,11 +180,7 @@ def sync_point(
   del slot
   if gather_to is None:
     return values, after
-  flats = gather(list(values), axis_name, algorithm)
-  usable = tuple(
-    flat[: math.prod(shape)].reshape(shape) for flat, shape in zip(flats, gather_to, strict=True)
-  )
-  return usable, after
+  return tuple(gather(list(values), gather_to, axis_name, algorithm)), after
 
 
 def _sync_fwd(slot, values, after, axis_name, algorithm, gather_to):

@@ -595,10 +595,11 @@ class ShardMapStrategy(Strategy):
     grads = jax.tree.leaves(pending.grads)
     for bucket in self.buckets:
       if bucket.kind == "replicated":
-        flats = buckets.gather([grads[i] for i in bucket.leaves], self.axis, self.algorithm)
-        for i, flat in zip(bucket.leaves, flats, strict=True):
-          shape = self._leaf_shapes[i]
-          grads[i] = flat[: math.prod(shape)].reshape(shape)
+        full = buckets.gather(
+          [grads[i] for i in bucket.leaves], self._shapes_of(bucket), self.axis, self.algorithm
+        )
+        for i, g in zip(bucket.leaves, full, strict=True):
+          grads[i] = g
     return _apply_updates(
       self.tx, jax.tree.unflatten(self._treedef, grads), opt_state, params, pending.valid
     )
@@ -642,6 +643,10 @@ class ShardMapStrategy(Strategy):
     new_leaves = jax.tree.leaves(new_params)
     return [new_leaves[i] for i in leaf_ids], jax.tree.leaves(new_opt)
 
+  def _shapes_of(self, bucket: buckets.Bucket) -> tuple:
+    """The full shapes of a bucket's leaves."""
+    return tuple(self._leaf_shapes[i] for i in bucket.leaves)
+
   def _opt_owners(self) -> list[int]:
     """For each flat optimizer-state leaf, the index of its parameter leaf (-1: none)."""
     index_tree = jax.tree.unflatten(self._treedef, list(range(len(self._leaf_shapes))))
@@ -656,7 +661,7 @@ class ShardMapStrategy(Strategy):
 
   def _build_train_step(self):
     batch, axis, algorithm = self.global_batch, self.axis, self.algorithm
-    dropout_key, leaf_shapes = self.dropout_key, self._leaf_shapes
+    dropout_key = self.dropout_key
     split_ids = [i for i, lo in enumerate(self._leaf_layouts) if lo.kind == "split"]
     opt_owners = self._opt_owners()
     group_of = {i: g for g, bucket in enumerate(self.buckets) for i in bucket.leaves}
@@ -688,11 +693,7 @@ class ShardMapStrategy(Strategy):
         new_opt_k = None
         if pending is not None:
           if bucket.kind == "replicated":  # the all-gather half of the synchronization
-            flats = buckets.gather(grads, axis, algorithm)
-            grads = [
-              flat[: math.prod(leaf_shapes[i])].reshape(leaf_shapes[i])
-              for i, flat in zip(bucket.leaves, flats, strict=True)
-            ]
+            grads = buckets.gather(grads, self._shapes_of(bucket), axis, algorithm)
           parts, new_opt_k = self._update_some(
             bucket.leaves, grads, params, opt_state, pending.valid
           )
@@ -790,7 +791,7 @@ class _LayerFeed:
     bucket = self._s.buckets[k]
     parts, new_opt = self._prepare(k, after)
     lazy = bucket.kind == "lazy"
-    gather_to = tuple(self._s._leaf_shapes[i] for i in bucket.leaves) if lazy else None
+    gather_to = self._s._shapes_of(bucket) if lazy else None
     usable, after = buckets.sync_point(
       self._slots[k], tuple(parts), after, self._s.axis, self._s.algorithm, gather_to
     )
