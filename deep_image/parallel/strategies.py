@@ -54,6 +54,7 @@ and a resumed run draws the same masks on another device count.
 from __future__ import annotations
 
 import abc
+import copy
 import functools
 import math
 from typing import Callable
@@ -62,6 +63,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,11 +71,15 @@ from jax.sharding import PartitionSpec as P
 from deep_image.config_error import ConfigError
 from deep_image.models import losses
 from deep_image.models.vgg import MODELS, VGG, conv_layer_names
-from deep_image.parallel import buckets, collectives, fc_block, layouts
+from deep_image.parallel import buckets, collectives, cost_model, fc_block, layouts
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel.train_state import PendingUpdate, TrainState
 
 STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
+# parallel.strategy='auto': make_strategy builds the one of STRATEGIES that
+# `cost_model.choose_strategy` predicts fastest for the model, batch and mesh.
+AUTO = "auto"
+STRATEGY_CHOICES = (*STRATEGIES, AUTO)
 CONV_MODES = ("data", "lazy")
 OVERLAPS = ("none", "deferred")
 
@@ -83,15 +89,16 @@ def validate_parallel_config(config, num_devices: int) -> None:
 
   Runs before anything is compiled: unknown strategy / algorithm / conv mode,
   a mesh larger than the devices, a batch that does not divide over them, FC
-  widths that do not split over them.
+  widths that do not split over them. For 'auto' the checks every strategy
+  shares; `make_strategy` then picks among the strategies that pass in full.
   """
   par = config.parallel
-  if par.strategy not in STRATEGIES:
+  if par.strategy not in STRATEGY_CHOICES:
     raise ConfigError(
-      f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGIES}"
+      f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGY_CHOICES}"
     )
   collectives.resolve_algorithm(par.collective, 2)
-  if par.strategy == "hybrid" and par.conv not in CONV_MODES:
+  if par.strategy in ("hybrid", AUTO) and par.conv not in CONV_MODES:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   if par.overlap not in OVERLAPS:
     raise ConfigError(f"parallel.overlap={par.overlap!r} must be one of {OVERLAPS}")
@@ -103,7 +110,7 @@ def validate_parallel_config(config, num_devices: int) -> None:
     raise ConfigError(f"parallel.bucket_mb={par.bucket_mb!r} must be >= 0 (0: a bucket per layer)")
   names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
   n = math.prod(sizes)
-  if par.strategy != "gspmd" and sum(s > 1 for s in sizes) > 1:
+  if par.strategy not in ("gspmd", AUTO) and sum(s > 1 for s in sizes) > 1:
     raise ConfigError(
       f"parallel.strategy={par.strategy!r} runs over one mesh axis, but parallel.mesh="
       f"{tuple(par.mesh)} has several axes larger than 1"
@@ -928,12 +935,21 @@ def make_strategy(
 ) -> Strategy:
   """The strategy named by `config.parallel.strategy` on `mesh` (validated first).
 
+  'auto' builds the strategy `cost_model.choose_strategy` predicts fastest for
+  this config on this mesh (logged with the predicted step times); the strategy
+  gets a copy of `config` with that name in `parallel.strategy`.
+
   preprocess(images, augment) -> images runs inside the jitted step when
   `train_step` is given augmentation parameters (data.augment_on='device'),
   e.g. `lambda im, aug: augment_device.augment_batch({"image": im, "augment": aug}, crop)`.
   """
   validate_parallel_config(config, mesh.size)
   name = config.parallel.strategy
+  if name == AUTO:
+    name, reason = cost_model.choose_strategy(config, mesh)
+    logging.info("parallel.strategy='auto' -> %r: %s", name, reason)
+    config = copy.deepcopy(config)
+    config.parallel.strategy = name
   if name == "gspmd":
     return GSPMDStrategy(config, model, tx, mesh, preprocess)
   if name == "data":

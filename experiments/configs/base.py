@@ -68,7 +68,7 @@ data.augment.color_cast.enabled         True             colour casting
 data.augment.color_cast.probability     0.5              chance per image
 data.augment.color_cast.channel_probability 0.5          chance each channel is shifted
 data.augment.color_cast.max_shift       20               shift bound (grid -20..20)
-parallel.strategy                       'hybrid'         'gspmd' | 'data' | 'lazy' | 'hybrid'
+parallel.strategy                       'hybrid'         'gspmd'|'data'|'lazy'|'hybrid'|'auto'
 parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
 parallel.overlap                        'deferred'       'none' | 'deferred' (update in next step)

@@ -1,0 +1,235 @@
+"""The cost model (deep_image/parallel/cost_model.py) and parallel.strategy='auto'."""
+
+import logging
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from deep_image.config_error import ConfigError
+from deep_image.models.summary import total_parameters
+from deep_image.models.vgg import make_model, make_spec
+from deep_image.parallel import cost_model as cm
+from deep_image.parallel import mesh as mesh_lib
+from deep_image.parallel import strategies
+from deep_image.train.optimizer import make_optimizer
+from experiments.configs import base
+
+MODEL = "scaling_8conv_3fc"
+
+
+def _cluster(per_node, intra_bw, inter_bw, intra_lat=0.0, inter_lat=0.0):
+  return cm.Cluster(
+    name="test",
+    description="hand-computed",
+    devices_per_node=per_node,
+    num_nodes=64,
+    peak_flops=1e12,
+    utilisation=1.0,
+    intra_bandwidth=intra_bw,
+    intra_latency=intra_lat,
+    inter_bandwidth=inter_bw,
+    inter_latency=inter_lat,
+  )
+
+
+# --- alpha-beta --------------------------------------------------------------
+
+
+def test_ring_inside_one_node_is_n_minus_1_rounds_of_alpha_plus_chunk_over_bandwidth():
+  cl = _cluster(4, intra_bw=1e9, inter_bw=1e9, intra_lat=1e-6)
+  cost = cm.collective_cost("reduce_scatter", "ring", 4e6, 4, cl)
+  assert cost.seconds == pytest.approx(3 * (1e-6 + 1e6 / 1e9))
+  assert (cost.bytes_sent, cost.rounds, cost.algorithm) == (3e6, 3, "ring")
+
+
+def test_butterfly_rounds_across_nodes_share_the_node_link():
+  # 8 devices, 2 per node, chunk c = 1 MB. Reduce-scatter rounds d = 4, 2 cross
+  # nodes with both devices of a node on its link (messages 4c, 2c); d = 1 stays inside.
+  cl = _cluster(2, intra_bw=10e9, inter_bw=1e9)
+  cost = cm.collective_cost("reduce_scatter", "butterfly", 8e6, 8, cl)
+  assert cost.seconds == pytest.approx(2 * 4e6 / 1e9 + 2 * 2e6 / 1e9 + 1e6 / 10e9)
+  assert (cost.bytes_sent, cost.rounds) == (7e6, 3)
+  # The all-gather runs the same rounds in reverse order: same time and bytes.
+  gather = cm.collective_cost("all_gather", "butterfly", 8e6, 8, cl)
+  assert gather.seconds == pytest.approx(cost.seconds)
+  # Ring: each round one device per node crosses (alone on the link), 7 rounds of c.
+  ring = cm.collective_cost("reduce_scatter", "ring", 8e6, 8, cl)
+  assert ring.seconds == pytest.approx(7 * 1e6 / 1e9)
+  assert cm.collective_cost("reduce_scatter", "xla", 8e6, 8, cl).seconds == ring.seconds
+  # Direct: shifts 1 and 7 send one device of a node across (the other stays
+  # inside), shifts 2..6 both.
+  direct = cm.collective_cost("reduce_scatter", "direct", 8e6, 8, cl)
+  assert direct.seconds == pytest.approx((2 * 1 + 5 * 2) * 1e6 / 1e9)
+
+
+def test_butterfly_off_a_power_of_two_runs_as_ring_and_one_device_sends_nothing():
+  cl = cm.PRESETS["minwa"]
+  assert cm.collective_cost("all_gather", "butterfly", 6e6, 6, cl).algorithm == "ring"
+  assert cm.collective_cost("all_gather", "butterfly", 6e6, 1, cl).seconds == 0.0
+  with pytest.raises(ConfigError, match="parallel.collective='tree'"):
+    cm.collective_cost("all_gather", "tree", 6e6, 4, cl)
+
+
+# --- the schedule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["butterfly", "ring", "direct"])
+def test_data_parallel_bytes_per_device_are_flat_in_n(algorithm):
+  params = total_parameters(make_spec(MODEL, num_classes=1000, image_size=224))
+  for n in (2, 4, 8, 16, 32, 64):
+    p = cm.predict(MODEL, "data", algorithm, n, 64, "minwa")
+    # Reduce-scatter + all-gather of every parameter: 2 x params x (N-1)/N (+ padding).
+    assert p.bytes_sent_per_device == pytest.approx(2 * 4 * params * (n - 1) / n, rel=1e-4), n
+    assert p.activation_bytes_sent_per_device == 0
+
+
+def test_hybrid_fc_bytes_follow_the_batch_not_the_fc_weights():
+  n = 16
+  for model in ("deep_image_16", "deep_image_16_fc8192"):
+    spec = make_spec(model, num_classes=1000, image_size=224)
+    f, h2 = spec.feature_dim, spec.fc[1]
+    by_batch = {b: cm.predict(model, "hybrid", "butterfly", n, b, "minwa") for b in (16, 64)}
+    for b, p in by_batch.items():
+      # Features gathered and scattered back (F), FC2's sums scattered and gathered (H2).
+      expected = 2 * 4 * n * b * (f + h2) * (n - 1) / n
+      assert p.activation_bytes_sent_per_device == pytest.approx(expected), (model, b)
+    act = {b: p.activation_bytes_sent_per_device for b, p in by_batch.items()}
+    assert act[64] == pytest.approx(4 * act[16])
+  # Wider FC layers: 1.5x the FC1 weights, but only the H2 part of the activations grows.
+  small = cm.predict("deep_image_16", "hybrid", "ring", n, 64, "minwa")
+  wide = cm.predict("deep_image_16_fc8192", "hybrid", "ring", n, 64, "minwa")
+  ratio = wide.activation_bytes_sent_per_device / small.activation_bytes_sent_per_device
+  assert ratio == pytest.approx((25088 + 8192) / (25088 + 6144))
+
+
+@pytest.mark.parametrize("preset", ["minwa", "h100"])
+@pytest.mark.parametrize("strategy", ["data", "lazy", "hybrid"])
+def test_deferred_is_never_slower_than_none(preset, strategy):
+  for n in (2, 8, 64):
+    for b in (4, 64):
+      none = cm.predict(MODEL, strategy, "butterfly", n, b, preset, overlap="none")
+      deferred = cm.predict(MODEL, strategy, "butterfly", n, b, preset, overlap="deferred")
+      assert deferred.step_s <= none.step_s * (1 + 1e-12), (n, b)
+      assert none.compute_s == deferred.compute_s
+      assert deferred.step_s >= deferred.compute_s
+  # Data's all-gather after backward is exposed without deferral: strictly slower on Minwa.
+  none = cm.predict(MODEL, "data", "butterfly", 64, 64, "minwa", overlap="none")
+  deferred = cm.predict(MODEL, "data", "butterfly", 64, 64, "minwa")
+  assert deferred.step_s < none.step_s
+
+
+def test_one_device_is_pure_compute_and_speedup_is_one():
+  p = cm.predict(MODEL, "hybrid", "butterfly", 1, 64, "minwa")
+  assert (p.comm_s, p.bytes_sent_per_device, p.step_s) == (0.0, 0.0, p.compute_s)
+  # Forward + backward = 3 x forward FLOPs but the first layer's missing input gradient.
+  layers = cm.model_layers(MODEL)
+  flops = 3 * sum(x.flops for x in layers) - layers[0].flops
+  assert p.compute_s == pytest.approx(64 * flops / cm.PRESETS["minwa"].flops)
+  assert cm.speedup(MODEL, "minwa", 1, 256) == pytest.approx(1.0)
+
+
+def test_crossover_is_a_listed_count_and_moves_with_the_batch():
+  # Hybrid's traffic grows with b like its compute; data's is fixed: a smaller
+  # batch per device favours hybrid, so the crossover cannot move down.
+  counts = [cm.crossover(MODEL, "minwa", b) for b in (16, 64, 256)]
+  assert all(c in cm.device_counts(64) for c in counts)
+  assert counts[0] >= counts[1] >= counts[2], counts
+  # Free links: both strategies are pure compute, hybrid never slower.
+  free = _cluster(4, intra_bw=1e18, inter_bw=1e18)
+  assert cm.crossover(MODEL, free) == 64
+  # Data-parallel speedup cannot exceed the device count.
+  assert cm.speedup(MODEL, "minwa", 64, 1024) <= 64
+
+
+def test_report_ends_with_crossover_and_speedup_lines():
+  text = cm.report("minwa")
+  last = text.splitlines()[-2:]
+  assert re.fullmatch(r"crossover: \d+", last[0]), last
+  assert re.fullmatch(r"speedup@64: \d+\.\dx", last[1]), last
+  assert last[0] == f"crossover: {cm.crossover(MODEL, 'minwa')}"
+  assert last[1] == f"speedup@64: {cm.speedup(MODEL, 'minwa', 64, 1024):.1f}x"
+  assert "paper (section 3.3, Minwa): crossover 16, speedup@64 47x" in text
+  rows = cm.predict_rows("h100")
+  assert {r["figure"] for r in rows} == {"left", "right"}
+  left = [r for r in rows if r["figure"] == "left" and r["strategy"] == "data"]
+  assert [r["num_devices"] for r in left] == [1, 2, 4, 8, 16, 32, 64]
+  assert left[0]["speedup"] == pytest.approx(1.0)
+
+
+def test_bad_preset_names_the_presets():
+  with pytest.raises(ValueError, match=r"preset='dgx' is not a known cluster.*'h100'"):
+    cm.report("dgx")
+  with pytest.raises(ValueError, match="preset='dgx'"):
+    cm.predict(MODEL, "data", "ring", 8, 64, "dgx")
+  with pytest.raises(ConfigError, match="parallel.strategy='pipeline'"):
+    cm.predict(MODEL, "pipeline", "ring", 8, 64, "h100")
+
+
+# --- against the compiled program and 'auto' -----------------------------------
+
+_PERMUTE = re.compile(r"= \(?((?:[a-z0-9]+\[[0-9,]*\][^ ]*(?:, )?)+)\)? collective-permute\(")
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _config(strategy, batch, n_fc=24):
+  c = base.get_config()
+  c.model.name, c.model.image_size = "vgg_tiny", 8
+  c.train.batch_size, c.train.warmup_steps = batch, 0
+  c.parallel.strategy, c.parallel.collective = strategy, "butterfly"
+  return c
+
+
+def _strategy(config, n):
+  mesh = mesh_lib.make_mesh(config.parallel, jax.devices()[:n])
+  return strategies.make_strategy(
+    config, make_model(config.model), make_optimizer(config.train), mesh
+  )
+
+
+def test_compare_bytes_matches_the_compiled_data_parallel_step():
+  c = _config("data", 8)
+  s = _strategy(c, 8)
+  images = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.uint8, sharding=s.batch_sharding)
+  labels = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=s.batch_sharding)
+  hlo = s.lower_train_step(s.abstract_state(), images, labels).compile().as_text()
+  sent = 0
+  for result in _PERMUTE.findall(hlo):
+    for dtype, dims in _ARRAY.findall(result):
+      assert dtype == "f32", dtype
+      sent += 4 * math.prod(int(d) for d in dims.split(",") if d)
+  assert sent > 0
+  error = cm.compare_bytes(
+    "vgg_tiny", "data", "butterfly", 8, 1, sent, image_size=8, num_classes=c.model.num_classes
+  )
+  # The model pads each leaf to a multiple of N like buckets.plan, so only
+  # per-bucket rounding differs.
+  assert abs(error) < 0.02, (error, sent)
+
+
+def test_auto_builds_the_predicted_fastest_strategy_and_logs_why(caplog):
+  c = _config("auto", 16)
+  strategies.validate_parallel_config(c, 8)
+  caplog.set_level(logging.INFO)
+  s = _strategy(c, 8)
+  assert s.name in strategies.STRATEGIES
+  assert c.parallel.strategy == "auto"  # the caller's config is left as it was
+  assert s.config.parallel.strategy == s.name
+  line = [r.getMessage() for r in caplog.records if "parallel.strategy='auto'" in r.getMessage()]
+  assert len(line) == 1 and f"-> {s.name!r}" in line[0] and "predicted step" in line[0], line
+  times = dict(re.findall(r"(gspmd|data|lazy|hybrid) ([0-9.]+) ms", line[0]))
+  assert sorted(times) == sorted(strategies.STRATEGIES), line
+  assert float(times[s.name]) == min(map(float, times.values())), line
+  # On 5 devices vgg_tiny's 24 FC1 columns do not split: only data and lazy can run.
+  mesh = mesh_lib.make_mesh(c.parallel, jax.devices()[:5])
+  c5 = _config("auto", 10)
+  name, reason = cm.choose_strategy(c5, mesh)
+  assert name in ("data", "lazy") and "not runnable here: gspmd, hybrid" in reason, reason
+
+
+def test_unknown_strategy_lists_auto():
+  c = _config("fastest", 8)
+  with pytest.raises(ConfigError, match=r"parallel.strategy='fastest'.*'auto'"):
+    strategies.validate_parallel_config(c, 8)
