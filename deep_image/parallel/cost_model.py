@@ -165,9 +165,11 @@ PRESETS: dict[str, Cluster] = {
     num_nodes=8,
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (tensor cores).
     peak_flops=989e12,
-    # Assumed: cuDNN convolutions of a VGG in bf16 reach ~40% of the tensor
-    # core peak at batch 64 (they are memory-bound in the early, wide layers).
-    utilisation=0.4,
+    # Measured: the whole 8-conv training step in bf16 on one H200 (the H100's
+    # tensor-core peak, more memory bandwidth) ran at 26% of 989 TFLOP/s with
+    # 64 images per GPU (15% at 16, 30% at 128; benchmarks/gpu_NVIDIA_H200_2026-11-26.md).
+    # The early, wide layers are memory-bound; an H100 will not do better.
+    utilisation=0.26,
     # NVLink 4: 900 GB/s per GPU both ways, 450 GB/s per direction via NVSwitch.
     intra_bandwidth=450e9,
     intra_latency=5e-6,
