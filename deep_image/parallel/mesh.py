@@ -31,29 +31,55 @@ _distributed_initialized = False
 def maybe_initialize_distributed(parallel_cfg) -> None:
   """Start JAX's distributed runtime when the config asks for several processes.
 
-  The one place multi-host is switched on. With `parallel.num_processes` > 1
-  (or JAX's own cluster auto-detection via `parallel.distributed = 'auto'`,
-  e.g. under SLURM) it calls `jax.distributed.initialize` before any device is
-  touched; a single-process run does nothing.
+  The one place multi-host is switched on. With `parallel.distributed = 'explicit'`
+  (coordinator, process count and id from the config) or `'auto'` (JAX's cluster
+  auto-detection, e.g. SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_STEP_NODELIST)
+  it calls `jax.distributed.initialize` before any device is touched; `'off'` does
+  nothing.
+
+  Timeouts (`parallel.*_timeout_s`) bound every wait on a peer: the coordination
+  service declares a process dead after `heartbeat_timeout_s` without a heartbeat
+  and then stops every other process (XLA logs "Terminating process because the
+  JAX distributed service detected fatal errors"); `init_timeout_s` bounds the wait
+  for all processes to connect; `shutdown_timeout_s` bounds the exit barrier.
   """
   global _distributed_initialized
   mode = parallel_cfg.distributed
   if _distributed_initialized or mode == "off":
     return
+  timeouts = {
+    "heartbeat_timeout_seconds": _positive_int(parallel_cfg, "heartbeat_timeout_s"),
+    "initialization_timeout": _positive_int(parallel_cfg, "init_timeout_s"),
+    "shutdown_timeout_seconds": _positive_int(parallel_cfg, "shutdown_timeout_s"),
+  }
   # Cross-process collectives on CPU need a transport; gloo ships with jaxlib.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if mode == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   elif mode == "explicit":
     jax.distributed.initialize(
       coordinator_address=parallel_cfg.coordinator_address,
       num_processes=parallel_cfg.num_processes,
       process_id=parallel_cfg.process_id,
+      **timeouts,
     )
   else:
     raise ConfigError(f"parallel.distributed={mode!r} must be one of 'off', 'auto', 'explicit'")
   _distributed_initialized = True
-  logging.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
+  logging.info(
+    "distributed: process %d of %d (heartbeat timeout %d s)",
+    jax.process_index(),
+    jax.process_count(),
+    timeouts["heartbeat_timeout_seconds"],
+  )
+
+
+def _positive_int(parallel_cfg, field: str) -> int:
+  """`parallel.<field>` as a positive whole number of seconds (JAX takes ints)."""
+  value = parallel_cfg[field]
+  if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+    raise ConfigError(f"parallel.{field}={value!r} must be a whole number of seconds >= 1")
+  return int(value)
 
 
 def forced_host_device_count() -> int | None:

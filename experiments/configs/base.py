@@ -82,6 +82,9 @@ parallel.distributed                    'off'            'off' | 'auto' | 'expli
 parallel.coordinator_address            ''               explicit: 'host:port' of process 0
 parallel.num_processes                  1                explicit: processes in the job
 parallel.process_id                     0                explicit: this process, 0..N-1
+parallel.heartbeat_timeout_s            100              multi-host: s without heartbeats = dead
+parallel.init_timeout_s                 300              multi-host: s to wait for all processes
+parallel.shutdown_timeout_s             300              multi-host: s at exit to wait for peers
 train.num_steps                         600              optimizer steps
 train.batch_size                        64               global batch (all devices)
 train.learning_rate                     0.01             peak rate (warmup, then cosine to 0)
@@ -155,6 +158,9 @@ def _job() -> ml_collections.ConfigDict:
   c.parallel.coordinator_address = ""
   c.parallel.num_processes = 1
   c.parallel.process_id = 0
+  c.parallel.heartbeat_timeout_s = 100
+  c.parallel.init_timeout_s = 300
+  c.parallel.shutdown_timeout_s = 300
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 600
