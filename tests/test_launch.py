@@ -2,12 +2,17 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS, train_cli
+from conftest import PATIENT_COLLECTIVES, TINY_JOB_FLAGS, tiny_config, train_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from deep_image.train.checkpoint import Checkpointer
+from deep_image.train.metrics import read_metrics
 
 JOB = (
   "--config.train.num_steps=6",
@@ -15,6 +20,38 @@ JOB = (
   "--config.train.batch_size=16",
   "--config.train.eval_batch_size=32",
 )
+
+
+def _assert_process_0_logged_and_all_checkpointed(workdir, steps, processes) -> None:
+  """Metrics and TensorBoard written once (by process 0), the last checkpoint by all.
+
+  A second writer would double metrics.jsonl's records (each process appends) and
+  TensorBoard's points; a process that skipped the checkpoint would leave its input
+  position (Orbax writes one file per process) or its shards missing.
+  """
+  train, evals = read_metrics(str(workdir))
+  assert [r["step"] for r in train] == steps and [r["step"] for r in evals] == steps[-1:]
+  events = EventAccumulator(str(workdir / "tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("train/loss")] == steps
+  assert [e.step for e in events.Scalars("validation/top1")] == steps[-1:]
+  # images_per_sec is timed by each process: the records must hold process 0's numbers,
+  # as its progress lines show them (`Progress.log`: 4 significant digits).
+  logs = [(workdir / f"process_{i}.log").read_text() for i in range(processes)]
+  shown = dict(re.findall(r"step (\d+)/\d+ .* images_per_sec (\S+) ", logs[0]))
+  timed = {r["step"]: r["images_per_sec"] for r in train if "images_per_sec" in r}
+  assert timed and {str(k): f"{v:.4g}" for k, v in timed.items()} == shown, (timed, shown)
+  tb = {e.step: e.value for e in events.Scalars("train/images_per_sec")}
+  np.testing.assert_allclose([tb[k] for k in timed], list(timed.values()), rtol=1e-6)
+  step_dir = workdir / "checkpoints" / str(steps[-1])
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps[-1])]  # no unfinished tmp
+  # Every process wrote its input position and its shards (Orbax: an OCDBT store each).
+  inputs = sorted(f for f in os.listdir(step_dir / "input") if f.endswith(".json"))
+  assert inputs == [f"process_{i}-of-{processes}.json" for i in range(processes)]
+  stores = sorted(f for f in os.listdir(step_dir / "state") if f.startswith("ocdbt.process_"))
+  assert stores == [f"ocdbt.process_{i}" for i in range(processes)]
+  meta = Checkpointer(str(workdir), keep=1, read_only=True).meta(steps[-1])
+  assert meta["process_count"] == processes
 
 
 def _losses(workdir) -> list[float]:
@@ -92,7 +129,10 @@ def test_a_failing_process_fails_the_launch(tmp_path):
 
 def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
   """2 processes x 4 devices for 3 steps, then 1 process x 8 devices to step 6 in the same
-  workdir: the same losses as 1 x 8 from the start (the global stream resumes at step 3)."""
+  workdir: the same losses as 1 x 8 from the start (the global stream resumes at step 3).
+
+  The 2-process run's metrics and TensorBoard events come from process 0 alone, and its
+  checkpoint, written by both, is complete; the resume shows that it restores."""
   env = dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
   first = [f"--workdir={tmp_path / 'run'}", "--config.parallel.num_devices=4", *TINY_JOB_FLAGS]
   job = [a for a in JOB if "num_steps" not in a and "log_every" not in a]
@@ -102,6 +142,7 @@ def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
     capture_output=True, text=True, env=env, timeout=400,
   )  # fmt: skip
   assert run.returncode == 0, run.stderr[-2000:]
+  _assert_process_0_logged_and_all_checkpointed(tmp_path / "run", steps=[1, 2, 3], processes=2)
   later = ("--config.train.num_steps=6", "--config.train.log_every=1", *job)
   resumed = train_cli(tmp_path / "run", "--config.parallel.num_devices=8", *later)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -112,3 +153,91 @@ def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
   got, want = _losses(tmp_path / "run"), _losses(tmp_path / "whole")
   assert len(got) == len(want) == 6
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _slurm_dry_run(*args, **env):
+  return subprocess.run(
+    ["bash", "launch/slurm.sbatch", *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, DRY_RUN="1", **env),
+    timeout=30,
+  )
+
+
+def test_slurm_script_runs_one_process_per_gpu_or_per_node():
+  """The sbatch script's srun command (DRY_RUN=1), from a fake allocation's variables."""
+  assert subprocess.run(["bash", "-n", "launch/slurm.sbatch"]).returncode == 0
+  train = ["--config.train.batch_size=1024", "--workdir=/shared/a", "--config=c.py:tiny"]
+  per_gpu = _slurm_dry_run(*train, SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8")
+  assert per_gpu.returncode == 0, per_gpu.stderr
+  cmd = per_gpu.stdout.split()
+  assert cmd[:5] == [
+    "srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1", "--export=ALL"
+  ]  # fmt: skip
+  # --config=FILE first (ml_collections rejects an override before it), then the rest;
+  # jax.distributed.initialize finds the process id, count and coordinator in SLURM_*.
+  assert cmd[5].endswith("/.venv/bin/python")  # VENV unset: the submit directory's
+  assert cmd[6:] == [
+    "-m",
+    "experiments.train",
+    "--config=c.py:tiny",
+    "--config.train.batch_size=1024",
+    "--workdir=/shared/a",
+    "--config.parallel.distributed=auto",
+  ]
+  per_node = _slurm_dry_run(
+    *train, PER="node", SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", GPUS_PER_NODE="4"
+  )
+  assert per_node.returncode == 0, per_node.stderr
+  cmd = per_node.stdout.split()
+  # One process a node sees all its GPUs: JAX_LOCAL_DEVICE_IDS overrides JAX's SLURM
+  # default of GPU SLURM_LOCALID alone (printf %q escapes the commas).
+  assert cmd[1:3] == ["--nodes=3", "--ntasks-per-node=1"]
+  assert cmd[4].replace("\\", "") == "--export=ALL,JAX_LOCAL_DEVICE_IDS=0,1,2,3"
+  no_workdir = _slurm_dry_run("--config=c.py", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="8")
+  assert no_workdir.returncode == 2 and "--workdir=DIR" in no_workdir.stderr
+  outside = _slurm_dry_run(*train, SLURM_JOB_NUM_NODES="", GPUS_PER_NODE="8")
+  assert outside.returncode != 0 and "SLURM_JOB_NUM_NODES" in outside.stderr
+
+
+def test_kubernetes_job_wires_process_ids_coordinator_and_workdir():
+  yaml = pytest.importorskip("yaml", reason="pyyaml is not installed (not a requirement)")
+  with open("launch/k8s/job.yaml") as f:
+    docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+  service, claim, job = docs["Service"], docs["PersistentVolumeClaim"], docs["Job"]
+  spec, pod = job["spec"], job["spec"]["template"]["spec"]
+  (container,) = pod["containers"]
+  args = dict(a.split("=", 1) for a in container["args"])
+  # N processes: N pods at once, ids 0..N-1 from the completion index.
+  assert spec["completionMode"] == "Indexed"
+  n = int(args["--config.parallel.num_processes"])
+  assert spec["completions"] == spec["parallelism"] == n > 1
+  assert args["--config.parallel.distributed"] == "explicit"
+  assert args["--config.parallel.process_id"] == "$(JOB_COMPLETION_INDEX)"
+  (index,) = [e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX"]
+  assert index["valueFrom"]["fieldRef"]["fieldPath"] == (
+    "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+  )
+  # The coordinator is pod 0 under the headless Service: <job>-0.<subdomain>:<port>.
+  host, port = args["--config.parallel.coordinator_address"].rsplit(":", 1)
+  assert service["spec"]["clusterIP"] == "None"
+  assert pod["subdomain"] == service["metadata"]["name"]
+  assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+  assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+  assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+  # The workdir is on the shared (ReadWriteMany) volume.
+  (mount,) = container["volumeMounts"]
+  (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+  assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+  assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+  assert args["--workdir"].startswith(mount["mountPath"].rstrip("/") + "/")
+  # --config=FILE first, and every override names a field of the config.
+  assert container["args"][0].startswith("--config=")
+  config = tiny_config()
+  for key in (k.removeprefix("--config.") for k in args if k.startswith("--config.")):
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    assert leaf in node, f"{key} is not a config field"
