@@ -158,6 +158,8 @@ def test_claim_checks_pass_and_fail():
   assert act.startswith("- PASS"), act
   weights = [dict(r, activation_bytes=1e5) for r in rows]  # flat in N: weights, not activations
   assert scaling.activation_check(weights, {"m": 1e8}, "t")[0].startswith("- FAIL")
+  square = [dict(r, activation_bytes=1e3 * r["devices"] ** 2) for r in rows]  # not ~ (N-1)
+  assert scaling.activation_check(square, {"m": 1e8}, "t")[0].startswith("- FAIL")
   (cross,) = scaling.crossover_lines(rows)
   assert "N=2: 0.54" in cross
 
@@ -185,3 +187,4 @@ def test_report_writers(tmp_path):
   again = scaling.merge(saved, ["gpu"], [], {}, [])
   assert {r["part"] for r in again["rows"]} == {"cpu", "speedup", "process"}
   assert again["checks"] == {"cpu:flat": ["- PASS flat"]} and again["skipped"] == []
+  assert scaling.merge(again, ["cpu"], [], {}, [])["checks"] == {}
