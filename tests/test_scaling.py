@@ -160,8 +160,14 @@ def test_claim_checks_pass_and_fail():
   assert scaling.activation_check(weights, {"m": 1e8}, "t")[0].startswith("- FAIL")
   square = [dict(r, activation_bytes=1e3 * r["devices"] ** 2) for r in rows]  # not ~ (N-1)
   assert scaling.activation_check(square, {"m": 1e8}, "t")[0].startswith("- FAIL")
-  (cross,) = scaling.crossover_lines(rows)
-  assert "N=2: 0.54" in cross
+  (cross,) = scaling.crossover_lines(rows, "t")
+  assert "N=2: 0.54" in cross and "less than data at every N" in cross
+  assert "+0.0 MiB of activations per added device) it would at N ~ 32" in cross, cross
+  grown = [
+    dict(r, bytes_sent=r["bytes_sent"] * r["devices"] ** 2 / 8) if r["strategy"] == "hybrid" else r
+    for r in rows
+  ]
+  assert "more than data from N=8" in scaling.crossover_lines(grown, "t")[0]
 
 
 def test_report_writers(tmp_path):
