@@ -22,6 +22,35 @@ JOB = (
 )
 
 
+# sitecustomize for a launched job: every Python-level open for writing of a path under
+# $AUDIT_WRITES_UNDER is printed to the process's stderr (its process_i.log).
+_WRITE_AUDIT = """
+import os, sys
+_under = os.environ["AUDIT_WRITES_UNDER"]
+_writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+def _hook(event, args):
+  if event == "open" and isinstance(args[0], str) and args[0].startswith(_under):
+    mode, flags = args[1] or "", args[2] or 0
+    if any(c in mode for c in "wax+") or flags & _writing:
+      os.write(2, f"AUDIT write-open {args[0]}\\n".encode())
+sys.addaudithook(_hook)
+"""
+
+
+def _audit_writes_env(hook_dir, workdir) -> dict:
+  """os.environ plus what makes the launched processes log their writes under `workdir`."""
+  hook_dir.mkdir()
+  (hook_dir / "sitecustomize.py").write_text(_WRITE_AUDIT)
+  path = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
+  return dict(os.environ, PYTHONPATH=path, AUDIT_WRITES_UNDER=str(workdir))
+
+
+def _written(log: str, name: str) -> list[str]:
+  """Paths under the workdir's `name` (file or folder) that a process opened for writing."""
+  paths = re.findall(r"^AUDIT write-open (\S+)$", log, flags=re.M)
+  return [p for p in paths if f"/{name}" in p]
+
+
 def _assert_process_0_logged_and_all_checkpointed(workdir, steps, processes) -> None:
   """Metrics and TensorBoard written once (by process 0), the last checkpoint by all.
 
@@ -38,6 +67,12 @@ def _assert_process_0_logged_and_all_checkpointed(workdir, steps, processes) -> 
   # images_per_sec is timed by each process: the records must hold process 0's numbers,
   # as its progress lines show them (`Progress.log`: 4 significant digits).
   logs = [(workdir / f"process_{i}.log").read_text() for i in range(processes)]
+  # Who opened the files (the `_WRITE_AUDIT` lines): process 0, and no other.
+  for name in ("metrics.jsonl", "tensorboard/", "config.json", "result.json"):
+    assert _written(logs[0], name), f"process 0 did not write {name}"
+    for i in range(1, processes):
+      assert not _written(logs[i], name), f"process {i} wrote {_written(logs[i], name)}"
+  assert all(_written(log, "checkpoints/") for log in logs)
   shown = dict(re.findall(r"step (\d+)/\d+ .* images_per_sec (\S+) ", logs[0]))
   timed = {r["step"]: r["images_per_sec"] for r in train if "images_per_sec" in r}
   assert timed and {str(k): f"{v:.4g}" for k, v in timed.items()} == shown, (timed, shown)
@@ -133,7 +168,7 @@ def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
 
   The 2-process run's metrics and TensorBoard events come from process 0 alone, and its
   checkpoint, written by both, is complete; the resume shows that it restores."""
-  env = dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
+  env = dict(_audit_writes_env(tmp_path / "hook", tmp_path / "run"), XLA_FLAGS=PATIENT_COLLECTIVES)
   first = [f"--workdir={tmp_path / 'run'}", "--config.parallel.num_devices=4", *TINY_JOB_FLAGS]
   job = [a for a in JOB if "num_steps" not in a and "log_every" not in a]
   run = subprocess.run(
@@ -241,3 +276,19 @@ def test_kubernetes_job_wires_process_ids_coordinator_and_workdir():
     for part in parents:
       node = node[part]
     assert leaf in node, f"{key} is not a config field"
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_distributed_timeouts_must_be_whole_seconds(value):
+  from deep_image.config_error import ConfigError
+  from deep_image.parallel.mesh import maybe_initialize_distributed
+
+  config = tiny_config(**{
+    "parallel.distributed": "explicit",
+    "parallel.coordinator_address": "127.0.0.1:1",
+    "parallel.num_processes": 2,
+    "parallel.init_timeout_s": value,
+  })  # fmt: skip
+  # Refused before jax.distributed.initialize would wait for a coordinator.
+  with pytest.raises(ConfigError, match=rf"parallel.init_timeout_s={value} must be a whole"):
+    maybe_initialize_distributed(config.parallel)

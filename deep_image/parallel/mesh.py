@@ -75,9 +75,9 @@ def maybe_initialize_distributed(parallel_cfg) -> None:
 
 
 def _positive_int(parallel_cfg, field: str) -> int:
-  """`parallel.<field>` as a positive whole number of seconds (JAX takes ints)."""
+  """`parallel.<field>` (an int field: JAX takes whole seconds), checked to be >= 1."""
   value = parallel_cfg[field]
-  if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+  if value < 1:
     raise ConfigError(f"parallel.{field}={value!r} must be a whole number of seconds >= 1")
   return int(value)
 
