@@ -108,10 +108,8 @@ def main(argv):
   logging.info("all %d processes finished", n)
 
 
-def describe_exit(returncode: int | None) -> str:
-  """'exited with 1', 'was killed by SIGKILL', or 'was stopped' (still running)."""
-  if returncode is None:
-    return "was stopped"
+def describe_exit(returncode: int) -> str:
+  """How a process ended: 'exited with 1' or 'was killed by SIGKILL'."""
   if returncode < 0:
     return f"was killed by {signal.Signals(-returncode).name}"
   return f"exited with {returncode}"
@@ -134,10 +132,9 @@ def _wait(procs: list[subprocess.Popen], *, keep_going: bool) -> list[int]:
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
   """SIGTERM to the running processes, SIGKILL to those still running `grace_s` later.
 
-  Returns the ids of the processes it stopped.
   SIGTERM lets a process checkpoint and exit (the train loop's preemption
   handling); one stuck in a collective with a dead peer would end only at the
-  heartbeat timeout, hence the SIGKILL.
+  heartbeat timeout, hence the SIGKILL. Returns the ids of the processes it stopped.
   """
   running = [p for p in procs if p.poll() is None]
   for p in running:
