@@ -160,6 +160,8 @@ def test_a_failing_process_fails_the_launch(tmp_path):
   assert "parallel.num_devices=3 does not divide over parallel.num_processes=2" in (
     (tmp_path / "process_0.log").read_text()
   )
+  # The launcher names the failed processes and their logs.
+  assert f"exited with 1; see {tmp_path / 'process_0.log'}" in run.stderr, run.stderr[-1000:]
 
 
 def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
