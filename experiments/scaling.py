@@ -129,7 +129,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool("model_only", False, "Print the cost model's prediction and exit.")
   flags.DEFINE_string("preset", "minwa", "Cluster preset of --model_only.")
   flags.DEFINE_string("model", "scaling_8conv_3fc", "Model of --model_only.")
-  flags.DEFINE_bool("redraw", False, "Only redraw the markdown and PNG from the JSON.")
+  flags.DEFINE_bool(
+    "redraw", False, "Only recompute the checks and redraw the markdown and PNG from the JSON."
+  )
   # A worker of the over-processes rows (started by this script, not by hand).
   flags.DEFINE_string("worker", None, "JSON spec of one process of a multi-process timing.")
 
@@ -326,7 +328,7 @@ def param_bytes(model: str, image_size: int, classes: int) -> tuple[int, int]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     n = math.prod(leaf.shape) * 4
     total += n
-    if "features" not in jax.tree_util.keystr(path):
+    if jax.tree_util.keystr(path).startswith("['fc"):  # fc1, fc2, fc3; the rest: convs_i
       fc += n
   return total, fc
 
@@ -368,6 +370,7 @@ def compile_program(p: Program, devices) -> tuple[object, object, dict]:
     global_batch=p.global_batch,
     per_device_batch=p.global_batch // p.devices,
     dtype=p.dtype,
+    classes=p.classes,
     argument_bytes=int(mem.argument_size_in_bytes),
     temp_bytes=int(mem.temp_size_in_bytes),
     memory_bytes=int(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
@@ -651,6 +654,27 @@ def crossover_lines(rows: Sequence[dict], part: str) -> list[str]:
   return lines
 
 
+def claim_checks(rows: Sequence[dict], part: str, label: str) -> dict[str, list[str]]:
+  """The stored checks of one part: {'<part>:flat': lines, '<part>:activations': lines}."""
+  models = sorted({r["model"] for r in rows})
+  size = {r["model"]: (r["image_size"], r.get("classes", 1000)) for r in rows}
+  grad = {m: param_bytes(m, *size[m]) for m in models}
+  return {
+    f"{part}:flat": flat_check(rows, {m: g[0] for m, g in grad.items()}, label),
+    f"{part}:activations": activation_check(rows, {m: g[1] for m, g in grad.items()}, label),
+  }
+
+
+def recheck(data: dict) -> dict:
+  """`data` with the checks of its cpu and gpu rows computed again (after a code change)."""
+  checks = dict(data.get("checks", {}))
+  for part, label in (("cpu", "measured CPU"), ("gpu", "H100 compile")):
+    rows = [r for r in data["rows"] if r["part"] == part]
+    if rows:
+      checks.update(claim_checks(rows, part, label))
+  return dict(data, checks=checks)
+
+
 # ----------------------------------------------------------------------------------------
 # GPU compiles (part 2).
 
@@ -834,6 +858,7 @@ def write_figure(data: dict, path: str) -> bool:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
 
   cpu = [
     r
@@ -847,16 +872,18 @@ def write_figure(data: dict, path: str) -> bool:
     return False
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
   styles = dict(zip(sorted({r["model"] for r in cpu}), ("-", "--", ":"), strict=False))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for model, style in styles.items():
-    for strategy in STRATEGIES:
+    for k, strategy in enumerate(STRATEGIES):
       pts = sorted((r["devices"], r["ms_per_image"]) for r in cpu
                    if r["model"] == model and r["strategy"] == strategy)  # fmt: skip
       if pts:
-        left.plot(*zip(*pts, strict=True), style, marker="o", label=f"{strategy} ({model})")
+        left.plot(*zip(*pts, strict=True), style, marker="o", color=colors[k],
+                  label=f"{strategy} ({model})")  # fmt: skip
   size = cpu[0]["image_size"] if cpu else "?"
-  left.set(title=f"time per image, fixed batch / device ({size} px; simulated CPU devices "
-                 "sharing 2 cores)", xlabel="devices", ylabel="ms / image", xscale="log",
-           yscale="log")  # fmt: skip
+  left.set(title=f"time per image, fixed batch per device ({size} px)\nsimulated CPU devices "
+                 f"sharing {os.cpu_count()} cores: not a GPU's scaling", xlabel="devices",
+           ylabel="ms / image", yscale="log")  # fmt: skip
   for batch in sorted({s["global_batch"] for s in speed}):
     pts = [(s["devices"], s["speedup"]) for s in speed if s["global_batch"] == batch]
     right.plot(*zip(*pts, strict=True), marker="o", label=f"mini-batch {batch}")
@@ -864,13 +891,18 @@ def write_figure(data: dict, path: str) -> bool:
     ns = sorted({s["devices"] for s in speed})
     right.plot(ns, ns, "k:", label="linear")
   right.set(
-    title="speedup vs 1 device, fixed global batch (simulated CPU devices)",
+    title="speedup vs 1 device at a fixed global batch\n(hybrid, simulated CPU devices)",
     xlabel="devices",
     ylabel="speedup",
-    xscale="log",
     yscale="log",
   )
+  ticks = sorted({r["devices"] for r in cpu} | {s["devices"] for s in speed})
   for ax in (left, right):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.title.set_fontsize("medium")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize="small")
@@ -948,7 +980,6 @@ def cpu_study() -> None:
   command = " ".join(["python -m experiments.scaling"] + sys.argv[1:])
   data.setdefault("meta", {})["cpu_header"] = machine_markdown(command)
   checks, skipped = {}, []
-  grad = {m: param_bytes(m, size, classes) for m in models}
 
   programs = []
   for m in models:
@@ -968,12 +999,9 @@ def cpu_study() -> None:
     skipped.append(
       f"cpu: algorithms other than {DEFAULT_ALGORITHM} only at N={alg_ns} and for "
       f"{FLAGS.algorithm_models} (time: a data-parallel step on 8 simulated devices takes "
-      "~14 s here)"
+      "5-14 s here, by load)"
     )
-  checks["cpu:flat"] = flat_check(rows, {m: g[0] for m, g in grad.items()}, "measured CPU")
-  checks["cpu:activations"] = activation_check(
-    rows, {m: g[1] for m, g in grad.items()}, "measured CPU"
-  )
+  checks.update(claim_checks(rows, "cpu", "measured CPU"))
   data = merge(data, ["cpu"], rows, checks, skipped)
   save(data, FLAGS.out)
 
@@ -1043,11 +1071,7 @@ def gpu_study() -> None:
               for n in sorted(allowed) if (m, n) not in specs]  # fmt: skip
   t0 = time.perf_counter()
   rows = [dict(r, part="gpu") for r in gpu_compile_rows(specs, FLAGS.gpu_per_device_batch)]
-  grad = {m: param_bytes(m, 224, FLAGS.classes) for m in {r["model"] for r in rows}}
-  checks = {
-    "gpu:flat": flat_check(rows, {m: g[0] for m, g in grad.items()}, "H100 compile"),
-    "gpu:activations": activation_check(rows, {m: g[1] for m, g in grad.items()}, "H100 compile"),
-  }
+  checks = claim_checks(rows, "gpu", "H100 compile")
   notes = [f"gpu: H100 compiles not run (time): {', '.join(not_done)}"] if not_done else []
   data = load(paths(FLAGS.out)[1])
   import jax
@@ -1070,7 +1094,7 @@ def main(argv):
 
     print(cost_model.report(FLAGS.preset, FLAGS.model))
   elif FLAGS.redraw:
-    save(load(paths(FLAGS.out)[1]), FLAGS.out)
+    save(recheck(load(paths(FLAGS.out)[1])), FLAGS.out)
   elif FLAGS.gpu_compile:
     gpu_study()
   else:

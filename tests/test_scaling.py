@@ -123,6 +123,10 @@ def test_data_parallel_bytes_flat_in_devices():
     assert ring <= r["bytes_sent"] <= 1.25 * ring, (r["devices"], r["bytes_sent"], ring)
   (line,) = scaling.flat_check(rows, {"vgg_tiny": grad}, "test")
   assert line.startswith("- PASS"), line
+  checks = scaling.claim_checks(rows, "cpu", "test")
+  assert checks["cpu:flat"] == [line]
+  fc = scaling.param_bytes("vgg_tiny", 16, 10)[1]
+  assert fc == 4 * (128 * 24 + 24 + 24 * 24 + 24 + 24 * 10 + 10)  # fc1 (4x4x8 in), fc2, fc3
 
 
 def _fake_rows():
