@@ -665,6 +665,40 @@ def claim_checks(rows: Sequence[dict], part: str, label: str) -> dict[str, list[
   }
 
 
+def cost_model_rows(rows: Sequence[dict]) -> list[dict]:
+  """(predicted - compiled) / compiled bytes sent per device of every multi-device row, by
+  `deep_image.parallel.cost_model.compare_bytes` (h100 cluster for H100 rows, cpu else);
+  [] while that module is missing."""
+  try:
+    from deep_image.parallel import cost_model
+  except ImportError:
+    return []
+  out = []
+  for r in rows:
+    if r["devices"] < 2 or not r["bytes_sent"] or r["part"] not in ("cpu", "cpu_compile", "gpu"):
+      continue
+    error = cost_model.compare_bytes(
+      r["model"], r["strategy"], r["algorithm"], r["devices"], r["per_device_batch"],
+      r["bytes_sent"], cluster="h100" if r["part"] == "gpu" else "cpu",
+      image_size=r["image_size"], activation_bytes=2 if r["dtype"] == "bfloat16" else 4,
+    )  # fmt: skip
+    out.append(dict(part=r["part"], model=r["model"], strategy=r["strategy"],
+                    algorithm=r["algorithm"], devices=r["devices"], error=error))  # fmt: skip
+  return out
+
+
+def cost_model_markdown(errors: Sequence[dict]) -> str:
+  """One line per (part, model, strategy, algorithm): the relative byte error over N."""
+  keys = dict.fromkeys((e["part"], e["model"], e["strategy"], e["algorithm"]) for e in errors)
+  lines = []
+  for key in keys:
+    es = sorted((e["devices"], e["error"]) for e in errors
+                if (e["part"], e["model"], e["strategy"], e["algorithm"]) == key)  # fmt: skip
+    lines.append((*key, ", ".join(f"N={n}: {100 * x:+.1f}%" for n, x in es)))
+  return table(("part", "model", "strategy", "algorithm", "(predicted - compiled) / compiled"),
+               lines)  # fmt: skip
+
+
 def recheck(data: dict) -> dict:
   """`data` with the checks of its cpu and gpu rows computed again (after a code change)."""
   checks = dict(data.get("checks", {}))
@@ -672,7 +706,7 @@ def recheck(data: dict) -> dict:
     rows = [r for r in data["rows"] if r["part"] == part]
     if rows:
       checks.update(claim_checks(rows, part, label))
-  return dict(data, checks=checks)
+  return dict(data, checks=checks, cost_model=cost_model_rows(data["rows"]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -841,6 +875,11 @@ def report_markdown(data: dict) -> str:
   cross = [line for name, label in names.items() for line in crossover_lines(part(name), label)]
   if cross:
     out += ["### Hybrid against data parallelism: bytes sent per device", ""] + cross + [""]
+  if data.get("cost_model"):
+    out += ["### Cost model against the compiled programs: bytes sent per device", "",
+            "`deep_image.parallel.cost_model.compare_bytes` (cluster h100 for the H100 rows, "
+            "cpu for the others; activations of the rows' dtype):", "",
+            cost_model_markdown(data["cost_model"]), ""]  # fmt: skip
   if data.get("skipped"):
     out += ["### Skipped", ""] + [f"- {s}" for s in data["skipped"]] + [""]
   return "\n".join(out)
@@ -934,6 +973,9 @@ def save(data: dict, out: str | None) -> None:
   with open(md, "w") as f:
     f.write(report_markdown(data) + "\n")
   drew = write_figure(data, png)
+  text = report_markdown(data)
+  if "### The paper's claims" in text:  # the checks and the hybrid / data lines, on stdout too
+    print(text[text.index("### The paper's claims") :], flush=True)
   print(f"wrote {md}, {js}" + (f", {png}" if drew else ""), flush=True)
 
 
@@ -1045,7 +1087,7 @@ def cpu_study() -> None:
           _, _, (row, _) = compile_program(p, devices[:n])
           comp.append(dict(row, part="cpu_compile"))
     data = merge(data, ["cpu_compile"], comp, {}, [])
-    save(data, FLAGS.out)
+    save(recheck(data), FLAGS.out)
   logging.info("CPU study took %.0f s", time.perf_counter() - t_start)
 
 
@@ -1072,7 +1114,9 @@ def gpu_study() -> None:
   t0 = time.perf_counter()
   rows = [dict(r, part="gpu") for r in gpu_compile_rows(specs, FLAGS.gpu_per_device_batch)]
   checks = claim_checks(rows, "gpu", "H100 compile")
-  notes = [f"gpu: H100 compiles not run (time): {', '.join(not_done)}"] if not_done else []
+  notes = (
+    [f"gpu: H100 compiles left out by --gpu_models: {', '.join(not_done)}"] if not_done else []
+  )
   data = load(paths(FLAGS.out)[1])
   import jax
 
@@ -1081,7 +1125,7 @@ def gpu_study() -> None:
     f"{FLAGS.gpu_per_device_batch} images per GPU, took {time.perf_counter() - t0:.0f} s; "
     f"command: `python -m experiments.scaling {' '.join(sys.argv[1:])}`"
   )
-  save(merge(data, ["gpu"], rows, checks, notes), FLAGS.out)
+  save(recheck(merge(data, ["gpu"], rows, checks, notes)), FLAGS.out)
 
 
 def main(argv):

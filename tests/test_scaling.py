@@ -182,6 +182,10 @@ def test_report_writers(tmp_path):
     {"cpu:flat": ["- PASS flat"]},
     ["gpu: not run at 128"],
   )
+  data["cost_model"] = [
+    dict(part="gpu", model="m", strategy="gspmd", algorithm="xla", devices=n, error=0.1 / n)
+    for n in (8, 16)
+  ]
   out = tmp_path / "scaling_x.md"
   scaling.save(data, str(out))
   text = out.read_text()
@@ -189,6 +193,7 @@ def test_report_writers(tmp_path):
   assert "| 2 x 4 | 64 | 100 |" in text and "2.00x" in text  # processes vs 1 x 8
   assert "- PASS flat" in text and "- gpu: not run at 128" in text
   assert "75%" in text  # the H100 table's overlap column
+  assert "| gpu | m | gspmd | xla | N=8: +1.2%, N=16: +0.6% |" in text
   png = tmp_path / "scaling_x.png"
   assert png.stat().st_size > 10_000
   saved = json.loads((tmp_path / "scaling_x.json").read_text())
