@@ -113,7 +113,7 @@ def test_deferred_is_never_slower_than_none(preset, strategy):
       none = cm.predict(MODEL, strategy, "butterfly", n, b, preset, overlap="none")
       deferred = cm.predict(MODEL, strategy, "butterfly", n, b, preset, overlap="deferred")
       assert deferred.step_s <= none.step_s * (1 + 1e-12), (n, b)
-      assert none.compute_s == deferred.compute_s
+      assert none.compute_s == pytest.approx(deferred.compute_s)
       assert deferred.step_s >= deferred.compute_s
   # Data's all-gather after backward is exposed without deferral: strictly slower on Minwa.
   none = cm.predict(MODEL, "data", "butterfly", 64, 64, "minwa", overlap="none")
@@ -127,7 +127,10 @@ def test_one_device_is_pure_compute_and_speedup_is_one():
   # Forward + backward = 3 x forward FLOPs but the first layer's missing input gradient.
   layers = cm.model_layers(MODEL)
   flops = 3 * sum(x.flops for x in layers) - layers[0].flops
-  assert p.compute_s == pytest.approx(64 * flops / cm.PRESETS["minwa"].flops)
+  assert p.compute_s - p.update_s == pytest.approx(64 * flops / cm.PRESETS["minwa"].flops)
+  # The update: 20 bytes of memory traffic per parameter.
+  params = sum(x.kernel + x.bias for x in layers)
+  assert p.update_s == pytest.approx(20 * params / cm.PRESETS["minwa"].memory_bandwidth)
   assert cm.speedup(MODEL, "minwa", 1, 256) == pytest.approx(1.0)
 
 
@@ -233,3 +236,24 @@ def test_unknown_strategy_lists_auto():
   c = _config("fastest", 8)
   with pytest.raises(ConfigError, match=r"parallel.strategy='fastest'.*'auto'"):
     strategies.validate_parallel_config(c, 8)
+
+
+def test_update_follows_what_each_device_owns_and_a_shared_host_divides_its_rates():
+  layers = cm.model_layers(MODEL)
+  total = sum(x.kernel + x.bias for x in layers)
+  fc12 = sum(x.kernel + x.bias for x in layers if x.name in ("fc1", "fc2"))
+  kernels = sum(x.kernel for x in layers)
+  assert cm.updated_parameters(layers, "data", "data", 8) == total
+  assert cm.updated_parameters(layers, "lazy", "data", 8) == pytest.approx(
+    total - kernels + kernels / 8
+  )
+  assert cm.updated_parameters(layers, "hybrid", "data", 8) == pytest.approx(
+    total - fc12 + fc12 / 8
+  )
+  assert cm.updated_parameters(layers, "lazy", "data", 1) == total
+  # Simulated devices share the host: 2 devices of 4 images take the compute time of
+  # one device of 8 images, not of one device of 4.
+  one = cm.predict(MODEL, "data", "butterfly", 1, 8, "cpu", image_size=32)
+  two = cm.predict(MODEL, "data", "butterfly", 2, 4, "cpu", image_size=32)
+  assert two.compute_s - two.update_s == pytest.approx(one.compute_s - one.update_s)
+  assert two.update_s == pytest.approx(2 * one.update_s)  # every device updates everything

@@ -9,8 +9,12 @@ the paper and against what `experiments.scaling` measures and compiles:
    but the first layer needs no input gradient (once forward). Every strategy
    computes b = B / N images' worth of every layer per device (the hybrid FC
    layers compute all B rows of 1/N of the columns: the same FLOPs). Time =
-   FLOPs / (peak x utilisation); element-wise work (ReLU, pooling, the
-   optimizer update) is left in the utilisation.
+   FLOPs / (peak x utilisation); element-wise work (ReLU, pooling) is left in
+   the utilisation. The optimizer update is memory-bound: 20 bytes per
+   parameter the device updates (`updated_parameters`: all of them under data
+   parallelism, 1/N of the sharded ones otherwise) / memory bandwidth. On a
+   `shared_host` cluster (simulated CPU devices) N devices share the host's
+   FLOP/s, memory and copy bandwidth.
 2. **Collectives (alpha-beta).** A reduce-scatter or all-gather of a buffer of
    S bytes over N devices (chunk c = S / N) runs as rounds in which every device
    sends one message to one partner:
@@ -107,6 +111,11 @@ class Cluster:
     inter_latency: seconds per message between nodes.
     bytes_per_value: bytes of a parameter / gradient value (4: float32).
     overlaps_comm: whether collectives run concurrently with compute.
+    memory_bandwidth: bytes/s of one device's memory; the optimizer update is
+      bound by it (`UPDATE_BYTES_PER_PARAM`).
+    shared_host: the devices share one host's compute, memory and copies
+      (simulated XLA:CPU devices): each rate above is the host's, divided by
+      the devices of the step.
   """
 
   name: str
@@ -121,6 +130,8 @@ class Cluster:
   inter_latency: float
   bytes_per_value: int = 4
   overlaps_comm: bool = True
+  memory_bandwidth: float = math.inf
+  shared_host: bool = False
 
   @property
   def flops(self) -> float:
@@ -156,6 +167,8 @@ PRESETS: dict[str, Cluster] = {
     inter_bandwidth=6.0e9,
     # GPUDirect RDMA MPI latency, a few us; round up for the CUDA side.
     inter_latency=10e-6,
+    # K40m data sheet: 288 GB/s GDDR5.
+    memory_bandwidth=288e9,
   ),
   # A modern cluster: DGX/HGX H100 SXM nodes.
   "h100": Cluster(
@@ -178,26 +191,40 @@ PRESETS: dict[str, Cluster] = {
     inter_latency=5e-6,
     # Parameters and gradients are float32 here (model.dtype sets the compute dtype).
     bytes_per_value=4,
+    # H100 SXM data sheet: 3.35 TB/s HBM3.
+    memory_bandwidth=3.35e12,
   ),
-  # The simulated host devices of the tests: one "node" of N devices that share
-  # the host's cores; every collective a synchronous rendezvous (DESIGN.md).
+  # The simulated host devices of the tests (`experiments.scaling`'s measured
+  # rows): one host whose cores, memory and copies all N devices share; every
+  # collective a synchronous rendezvous (DESIGN.md), so nothing overlaps.
   "cpu": Cluster(
     name="cpu",
-    description="simulated XLA:CPU host devices on one machine",
+    description="N simulated XLA:CPU devices sharing one 2-core host",
     devices_per_node=1024,
     num_nodes=1,
-    # ~2 AVX2 cores x 64 GFLOP/s shared by 8 simulated devices.
-    peak_flops=16e9,
-    utilisation=0.5,
-    # A memcpy between buffers of one process.
-    intra_bandwidth=5e9,
+    # 2 AVX2 cores x 2 FMA units x 8 float32 lanes x 2 FLOP x ~2.5 GHz.
+    peak_flops=160e9,
+    # Calibrated, the one fitted number of this preset: gspmd, 8-conv at 32 px,
+    # 4 images per device on 8 devices ran at 18 GFLOP/s of model FLOPs, update
+    # and copies included (benchmarks/scaling_2026-11-26.md): small
+    # convolutions, 8 device threads on 2 cores. The other measured rows are
+    # predictions (BENCHMARKS.md).
+    utilisation=0.11,
+    # memcpy between buffers of one process on a shared VM (~10 GB/s).
+    intra_bandwidth=10e9,
     # A rendezvous of the device threads on a loaded 2-core host.
     intra_latency=50e-6,
-    inter_bandwidth=5e9,
+    inter_bandwidth=10e9,
     inter_latency=50e-6,
     overlaps_comm=False,
+    memory_bandwidth=10e9,
+    shared_host=True,
   ),
 }
+
+# Memory traffic of one parameter's SGD-with-momentum update (float32): read the
+# parameter, its gradient and momentum, write the parameter and momentum.
+UPDATE_BYTES_PER_PARAM = 5 * 4
 
 
 def get_cluster(cluster: str | Cluster) -> Cluster:
@@ -339,7 +366,8 @@ class Prediction:
   num_devices: int
   batch_per_device: int
   cluster: str
-  compute_s: float  # compute stream, busy time
+  compute_s: float  # compute stream, busy time (layers and the optimizer update)
+  update_s: float  # of it, the optimizer update
   comm_s: float  # network, busy time (every collective, overlapped or not)
   exposed_comm_s: float  # step_s - compute_s
   step_s: float
@@ -417,6 +445,46 @@ def _plan_buckets(layers, strategy: str, conv: str, n: int, bucket_mb: float, bp
   return [(b.kind, b.layers, sum(b.chunks) * n * bpv) for b in plan]
 
 
+def updated_parameters(layers, strategy: str, conv: str, n: int) -> float:
+  """Parameters one device updates per step: its 1/N of the sharded ones, all of the
+  replicated ones (data parallelism repeats the whole update on every device).
+
+  ========  ======================================================
+  data      every parameter
+  lazy      kernels / N (sharded), biases (replicated)
+  hybrid    FC1 / FC2 / N (split); conv (/ N for conv kernels under
+            parallel.conv='lazy') and FC3 whole
+  gspmd     as hybrid with conv='data' (XLA keeps replicated weights
+            replicated, their update too)
+  ========  ======================================================
+  """
+  total = 0.0
+  for layer in layers:
+    if n > 1 and strategy in ("hybrid", "gspmd") and layer.name in ("fc1", "fc2"):
+      total += (layer.kernel + layer.bias) / n
+    elif n > 1 and (
+      strategy == "lazy"
+      or (strategy == "hybrid" and conv == "lazy" and layer.name.startswith("convs"))
+    ):
+      total += layer.kernel / n + layer.bias
+    else:
+      total += layer.kernel + layer.bias
+  return total
+
+
+def _share(cl: Cluster, n: int) -> Cluster:
+  """`cl` as one of `n` devices sees it: the host's rates / n on a shared host."""
+  if not cl.shared_host:
+    return cl
+  return dataclasses.replace(
+    cl,
+    peak_flops=cl.peak_flops / n,
+    memory_bandwidth=cl.memory_bandwidth / n,
+    intra_bandwidth=cl.intra_bandwidth / n,
+    inter_bandwidth=cl.inter_bandwidth / n,
+  )
+
+
 def predict(
   model_name: str,
   strategy: str,
@@ -452,6 +520,7 @@ def predict(
   n, b = num_devices, batch_per_device
   if n < 1 or b < 1:
     raise ValueError(f"num_devices={n} and batch_per_device={b} must be >= 1")
+  cl = _share(cl, n)
   layers = model_layers(model_name, image_size, num_classes, in_channels)
   bpv = cl.bytes_per_value
   abytes = bpv if activation_bytes is None else activation_bytes
@@ -502,7 +571,15 @@ def predict(
     comm(f"ag:{i}", "all_gather", nbytes, deps, 1, "param")
     gather_of.setdefault(blayers[0], []).append(f"ag:{i}")
 
+  # The optimizer update, memory-bound: deferred applies it bucket by bucket before
+  # the forward pass (modelled as one task first), none after the last all-gather.
+  update_s = UPDATE_BYTES_PER_PARAM * updated_parameters(layers, strategy, conv, n)
+  update_s /= cl.memory_bandwidth
+  deferred_update = overlap == "deferred" and strategy != "gspmd"
   prev: list[str] = []
+  if deferred_update:
+    tasks.append(_Task("update", False, update_s, ()))
+    prev = ["update"]
   for layer in seq:
     name = f"fwd:{layer.name}"
     tasks.append(_Task(name, False, fwd_s(layer, b), tuple(prev + gather_of.get(layer.name, []))))
@@ -557,6 +634,8 @@ def predict(
       deps = [f"rs:{i}"] + ([] if strategy == "gspmd" else [last_compute])
       comm(f"ag_end:{i}", "all_gather", nbytes, deps, 1, "param")
 
+  if not deferred_update:
+    tasks.append(_Task("update", False, update_s, tuple(t.name for t in tasks if t.comm)))
   compute_s = sum(t.seconds for t in tasks if not t.comm)
   comm_s = sum(t.seconds for t in tasks if t.comm)
   step_s = _simulate(tasks) if cl.overlaps_comm else compute_s + comm_s
@@ -570,6 +649,7 @@ def predict(
     batch_per_device=b,
     cluster=cl.name,
     compute_s=compute_s,
+    update_s=update_s,
     comm_s=comm_s,
     exposed_comm_s=step_s - compute_s,
     step_s=step_s,
@@ -800,6 +880,24 @@ def compare_bytes(
     raise ValueError(f"measured_bytes_per_device={measured_bytes_per_device} must be > 0")
   p = predict(model_name, strategy, algorithm, num_devices, batch_per_device, cluster, **kw)
   return (p.bytes_sent_per_device - measured_bytes_per_device) / measured_bytes_per_device
+
+
+def compare_step(
+  model_name: str,
+  strategy: str,
+  algorithm: str,
+  num_devices: int,
+  batch_per_device: int,
+  measured_step_s: float,
+  *,
+  cluster: str | Cluster = "cpu",
+  **kw,
+) -> float:
+  """(predicted - measured) / measured step time; arguments as `compare_bytes`."""
+  if measured_step_s <= 0:
+    raise ValueError(f"measured_step_s={measured_step_s} must be > 0")
+  p = predict(model_name, strategy, algorithm, num_devices, batch_per_device, cluster, **kw)
+  return (p.step_s - measured_step_s) / measured_step_s
 
 
 # ---------------------------------------------------------------- parallel.strategy='auto'
