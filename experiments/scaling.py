@@ -25,7 +25,8 @@ parts already there, then the markdown and the PNG are redrawn from all rows):
    bytes sent per device and the fraction of async collectives the scheduler overlaps
    (`experiments.compile_gpu.overlap_summary`). Nothing runs; skipped with a message when
    the CUDA plugin is missing.
-3. `--model_only --preset=NAME`: `deep_image.parallel.cost_model.report(NAME, model)`.
+3. `--model_only --preset=NAME [--plot=FILE.png]`: `deep_image.parallel.cost_model.report(NAME,
+   model)`, and the predicted Figure 3 (`write_model_figure`).
 
 Bytes sent per device per step, read from the compiled (post-optimization) HLO text
 (`collective_ops`): every collective op counted once (an async `<kind>-start` counts,
@@ -129,6 +130,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("model_only", False, "Print the cost model's prediction and exit.")
   flags.DEFINE_string("preset", "minwa", "Cluster preset of --model_only.")
   flags.DEFINE_string("model", "scaling_8conv_3fc", "Model of --model_only.")
+  flags.DEFINE_string("plot", None, "--model_only: also draw the predicted Figure 3 here (PNG).")
   flags.DEFINE_bool(
     "redraw", False, "Only recompute the checks and redraw the markdown and PNG from the JSON."
   )
@@ -925,6 +927,49 @@ def report_markdown(data: dict) -> str:
   return "\n".join(out)
 
 
+def write_model_figure(rows: Sequence[dict], preset: str, path: str) -> None:
+  """Figure 3 as the cost model predicts it (`cost_model.predict_rows` rows): left, time
+  per image of each strategy at a fixed batch per device; right, speedup at fixed
+  mini-batches. On Minwa the paper's crossover (16) and 47x at 64 are marked."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from deep_image.parallel import cost_model
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+  lefts = [r for r in rows if r["figure"] == "left"]
+  for strategy in dict.fromkeys(r["strategy"] for r in lefts):
+    pts = sorted((r["num_devices"], r["time_per_image_s"] * 1e3) for r in lefts
+                 if r["strategy"] == strategy)  # fmt: skip
+    left.plot(*zip(*pts, strict=True), marker="o", label=strategy)
+  b = lefts[0]["batch_per_device"]
+  left.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="ms / image",
+           title=f"time per image, {b} images per GPU")  # fmt: skip
+  rights = [r for r in rows if r["figure"] == "right"]
+  for batch in sorted({r["global_batch"] for r in rights}):
+    pts = sorted((r["num_devices"], r["speedup"]) for r in rights if r["global_batch"] == batch)
+    right.plot(*zip(*pts, strict=True), marker="o", label=f"mini-batch {batch}")
+  ns = sorted({r["num_devices"] for r in rights})
+  right.plot(ns, ns, "k:", label="linear")
+  right.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="speedup",
+            title="speedup over one GPU (faster of hybrid / data)")  # fmt: skip
+  if preset == "minwa":
+    paper = cost_model.PAPER
+    left.axvline(paper["crossover"], color="grey", ls="--", label="paper: crossover")
+    right.plot([64], [paper["speedup@64"]], "k*", ms=12, label="paper: 47x, mini-batch 1024")
+  for ax in (left, right):
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(
+    f"cost model: {rows[0]['model']} on {preset} ({cost_model.PRESETS[preset].description})"
+  )
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _one_process(rows: Sequence[dict], r: dict) -> float:
   same = [x for x in rows if x["processes"] == 1 and x["model"] == r["model"]
           and x["strategy"] == r["strategy"] and x["devices"] == r["devices"]]  # fmt: skip
@@ -1177,6 +1222,10 @@ def main(argv):
     from deep_image.parallel import cost_model
 
     print(cost_model.report(FLAGS.preset, FLAGS.model))
+    if FLAGS.plot:
+      rows = cost_model.predict_rows(FLAGS.preset, FLAGS.model)
+      write_model_figure(rows, FLAGS.preset, FLAGS.plot)
+      logging.info("wrote %s", FLAGS.plot)  # stdout ends with the crossover / speedup lines
   elif FLAGS.redraw:
     save(recheck(load(paths(FLAGS.out)[1])), FLAGS.out)
   elif FLAGS.gpu_compile:

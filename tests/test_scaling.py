@@ -203,3 +203,13 @@ def test_report_writers(tmp_path):
   assert {r["part"] for r in again["rows"]} == {"cpu", "speedup", "process"}
   assert again["checks"] == {"cpu:flat": ["- PASS flat"]} and again["skipped"] == []
   assert scaling.merge(again, ["cpu"], [], {}, [])["checks"] == {}
+
+
+def test_model_figure_from_the_cost_model(tmp_path):
+  from deep_image.parallel import cost_model
+
+  rows = cost_model.predict_rows("minwa", max_devices=8)
+  path = tmp_path / "model.png"
+  scaling.write_model_figure(rows, "minwa", str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert {r["figure"] for r in rows} == {"left", "right"}
