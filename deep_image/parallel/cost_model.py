@@ -965,7 +965,7 @@ def choose_strategy(config, mesh) -> tuple[str, str]:
   reason = (
     f"cost model ({cl.name} preset, {n} devices, {batch} images each, "
     f"{par.collective}): predicted step "
-    + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
     + (f"; not runnable here: {', '.join(rejected)}" if rejected else "")
   )
   return best, reason
