@@ -6,7 +6,8 @@ r"""Compile the train step deviceless for H100s and measure how its collectives 
     [--collectives=butterfly,xla] [--overlaps=none,deferred] [--bucket_mb=25] [--nogpu_flags] \
     [--dump_hlo=DIR] [--out=FILE.md]
 
-XLA's GPU compiler runs on a CPU-only machine (../shared/gpu/README.md): every
+XLA's GPU compiler runs on a CPU-only machine (deviceless, `experiments/gpu/h100_sxm.pbtxt`
+describes the GPU): every
 configuration's step is lowered and compiled for `--devices` H100 SXM GPUs
 (`--hosts` hosts), nothing runs. For each configuration the script prints, in
 one markdown table, the per-device argument and temp bytes (`memory_analysis`)
@@ -46,11 +47,11 @@ SETUP = (
   'python3 -m venv /tmp/gpu-aot && /tmp/gpu-aot/bin/pip install "jax[cuda12]==0.10.2" '
   "-r requirements.txt && /tmp/gpu-aot/bin/pip install -e . --no-deps; then run with "
   "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu /tmp/gpu-aot/bin/python -m "
-  "experiments.compile_gpu (see ../shared/gpu/README.md)"
+  "experiments.compile_gpu"
 )
-TARGET_CONFIG = os.path.join(
-  os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "gpu", "h100_sxm.pbtxt"
-)
+# XLA's description of an H100 SXM 80 GB (gpu_device_info: SMs, memory, ...): what
+# `topologies.get_topology_desc` compiles for, kept in the repository.
+TARGET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu", "h100_sxm.pbtxt")
 
 # The collectives whose start/done pairs are counted.
 COLLECTIVE_KINDS = (

@@ -20,7 +20,7 @@ parts already there, then the markdown and the PNG are redrawn from all rows):
    Also: compile-only memory and bytes at 224 px (--compile_size, --compile_devices);
    2 processes x 4 devices against 1 process x 8 (jax.distributed, gloo); and the
    speedup of the default strategy at fixed global batches (--speedup_batches).
-2. `--gpu_compile` (needs the CUDA jax venv, ../shared/gpu/README.md): deviceless XLA GPU
+2. `--gpu_compile` (needs the CUDA jax venv, README "How the strategies scale"): deviceless XLA GPU
    compiles for 8..64 H100s on 1..8 hosts (8 per host): per-device memory, collectives,
    bytes sent per device and the fraction of async collectives the scheduler overlaps
    (`experiments.compile_gpu.overlap_summary`). Nothing runs; skipped with a message when
@@ -75,7 +75,7 @@ from typing import Callable, Iterable, Sequence
 
 from absl import app, flags, logging
 
-from experiments.compile_gpu import parse_computations, shape_bytes
+from experiments.compile_gpu import SETUP, parse_computations, shape_bytes
 from experiments.markdown import table
 
 FLAGS = flags.FLAGS
@@ -1182,8 +1182,8 @@ def gpu_study() -> None:
 
   missing = _cuda_missing()
   if missing:
-    print(f"scaling: skipping the H100 compiles: {missing} (see ../shared/gpu/README.md; "
-          "run this with /tmp/gpu-aot/bin/python)")  # fmt: skip
+    print(f"scaling: skipping the H100 compiles: {missing}; set up a CUDA jax venv with: "
+          f"{SETUP.split('; then')[0]}, and run this with /tmp/gpu-aot/bin/python")  # fmt: skip
     return
   from deep_image.parallel import mesh as mesh_lib
 
