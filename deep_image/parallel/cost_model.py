@@ -178,11 +178,12 @@ PRESETS: dict[str, Cluster] = {
     num_nodes=8,
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (tensor cores).
     peak_flops=989e12,
-    # Measured: the whole 8-conv training step in bf16 on one H200 (the H100's
-    # tensor-core peak, more memory bandwidth) ran at 26% of 989 TFLOP/s with
-    # 64 images per GPU (15% at 16, 30% at 128; benchmarks/gpu_NVIDIA_H200_2026-11-26.md).
-    # The early, wide layers are memory-bound; an H100 will not do better.
-    utilisation=0.26,
+    # Measured: the 8-conv training step in bf16 on one H200 (the H100's tensor-core
+    # peak, 1.4x its memory bandwidth) took 11.3 ms for 64 images; less its update
+    # (207M parameters x 20 B / 4.8 TB/s = 0.9 ms) that is 28% of 989 TFLOP/s
+    # (benchmarks/gpu_NVIDIA_H200_2026-11-26.md; whole-step MFU 15% at 16 images,
+    # 30% at 128: the model's one utilisation is right at 64 and optimistic below).
+    utilisation=0.28,
     # NVLink 4: 900 GB/s per GPU both ways, 450 GB/s per direction via NVSwitch.
     intra_bandwidth=450e9,
     intra_latency=5e-6,
@@ -812,8 +813,9 @@ def report(preset: str, model: str = "scaling_8conv_3fc") -> str:
     f"  {cl.peak_flops / 1e12:.2f} TFLOP/s peak x {cl.utilisation:.2f} utilisation per device; "
     f"links {cl.intra_bandwidth / 1e9:.1f} GB/s in a node, {cl.inter_bandwidth / 1e9:.1f} GB/s "
     f"per node between nodes; {PAPER_ALGORITHM}, overlap deferred, 224 px",
-    f"  one device: {one.compute_s / b * 1e3:.2f} ms per image "
-    f"({one.compute_s / b * cl.flops / 1e9:.1f} GFLOP forward + backward)",
+    f"  one device: {one.step_s / b * 1e3:.3g} ms per image "
+    f"({(one.compute_s - one.update_s) / b * cl.flops / 1e9:.1f} GFLOP forward + backward, "
+    f"+ the update {one.update_s * 1e3:.3g} ms a step)",
     "",
     f"{'GPUs':>4} | {'ms/image (slices=64)':^21} | {'speedup (slices=64)':^19} | "
     f"{'GB sent / GPU / step':^20} | speedup, mini-batch",
