@@ -439,7 +439,10 @@ class ShardMapStrategy(Strategy):
     self.n = mesh.shape[self.axis]
     par = config.parallel
     self.algorithm = par.collective
-    self.deferred = par.overlap == "deferred"
+    # One device has no traffic for the deferred update to hide, and deferring costs it
+    # a separate pass of the step metrics over every parameter (8% of a Table 2 step on
+    # one H200, BENCHMARKS.md): it runs the `none` schedule, the same SGD.
+    self.deferred = par.overlap == "deferred" and self.n > 1
     self.layouts = jax.tree_util.tree_map_with_path(
       lambda path, x: layout_of(_path_names(path), x.shape), self.param_shapes
     )

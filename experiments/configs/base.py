@@ -71,7 +71,7 @@ data.augment.color_cast.max_shift       20               shift bound (grid -20..
 parallel.strategy                       'hybrid'         'gspmd'|'data'|'lazy'|'hybrid'|'auto'
 parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
-parallel.overlap                        'deferred'       'none' | 'deferred' (update in next step)
+parallel.overlap                        'deferred'       'none' | 'deferred' (1 device: as none)
 parallel.bucket_mb                      25.0             MiB of gradients per bucket (0: per layer)
 parallel.fc_micro_batches               0                hybrid FC head in parts (0: GPU 2, else 1)
 parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1: the rest
