@@ -239,7 +239,8 @@ def test_slurm_script_runs_one_process_per_gpu_or_per_node():
 
 
 def test_kubernetes_job_wires_process_ids_coordinator_and_workdir():
-  yaml = pytest.importorskip("yaml", reason="pyyaml is not installed (not a requirement)")
+  import yaml  # pinned in requirements.txt
+
   with open("launch/k8s/job.yaml") as f:
     docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
   service, claim, job = docs["Service"], docs["PersistentVolumeClaim"], docs["Job"]
