@@ -43,7 +43,9 @@ from jax import lax
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
+from deep_image.parallel.collectives import ALGORITHMS
 from deep_image.train.optimizer import make_optimizer
+from experiments.compile_gpu import COLLECTIVE_KINDS
 from experiments.configs import base
 from experiments.markdown import machine_markdown, table
 
@@ -67,7 +69,6 @@ def _define_flags() -> None:
   )
 
 
-ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 # (label, strategy, conv mode of hybrid); every shard_map strategy runs with every algorithm.
 SHARD_MAP = (
   ("data", "data", "data"),
@@ -129,13 +130,9 @@ def _batch_abstract(strategy, config, dtype="uint8"):
   )
 
 
-# HLO op names of the collectives XLA runs; on CPU each one is a rendezvous of all devices.
-COLLECTIVE_OPS = ("collective-permute", "all-gather", "reduce-scatter", "all-reduce", "all-to-all")
-
-
 def count_collectives(hlo_text: str) -> int:
   """Collective ops in compiled HLO text (async -start/-done pairs count once)."""
-  ops = "|".join(COLLECTIVE_OPS)
+  ops = "|".join(COLLECTIVE_KINDS)  # on CPU each one is a rendezvous of all devices
   return len(re.findall(rf"= \S+ (?:{ops})(?:-start)?\(", hlo_text))
 
 

@@ -75,23 +75,17 @@ from typing import Callable, Iterable, Sequence
 
 from absl import app, flags, logging
 
-from experiments.compile_gpu import SETUP, parse_computations, shape_bytes
+# Importing JAX does not start a backend: the host device count set later still applies.
+from deep_image.parallel.collectives import ALGORITHMS
+from deep_image.parallel.strategies import STRATEGIES
+from experiments.compile_gpu import COLLECTIVE_KINDS, SETUP, parse_computations, shape_bytes
 from experiments.markdown import table
 
 FLAGS = flags.FLAGS
 
 MODELS = ("scaling_8conv_3fc", "deep_image_16")
-STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
-ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 DEFAULT_ALGORITHM = "butterfly"
 DEFAULT_STRATEGY = "hybrid"  # experiments/configs/base.py
-COLLECTIVE_KINDS = (
-  "all-gather",
-  "reduce-scatter",
-  "all-reduce",
-  "collective-permute",
-  "all-to-all",
-)
 # Bytes sent per device of data parallelism may grow from N=2 to N=8 by at most the ring
 # factor ((8-1)/8) / ((2-1)/2) = 1.75 (plus this slack), and stay under 2 x gradient bytes.
 FLAT_SLACK = 1.10
@@ -556,16 +550,21 @@ def run_processes(
 # Checks of the paper's claims.
 
 
+def _series(rows: Sequence[dict], model: str, strategy: str) -> list[dict]:
+  """The multi-device rows of `model` / `strategy` with the default algorithm, by N."""
+  return sorted(
+    (r for r in rows if r["model"] == model and r["strategy"] == strategy and r["devices"] > 1
+     and r["algorithm"] == DEFAULT_ALGORITHM),
+    key=lambda r: r["devices"],
+  )  # fmt: skip
+
+
 def flat_check(rows: Sequence[dict], grad_bytes: dict[str, int], part: str) -> list[str]:
   """Data-parallel bytes per device flat in N: <= 2 x gradient bytes, and from the smallest
   N >= 2 to the largest grown by at most the ring factor ((N-1)/N over (n-1)/n) x slack."""
   lines = []
   for model in sorted({r["model"] for r in rows}):
-    data = sorted(
-      (r for r in rows if r["model"] == model and r["strategy"] == "data" and r["devices"] > 1
-       and r["algorithm"] == DEFAULT_ALGORITHM),
-      key=lambda r: r["devices"],
-    )  # fmt: skip
+    data = _series(rows, model, "data")
     if len(data) < 2:
       continue
     lo, hi = data[0], data[-1]
@@ -591,11 +590,7 @@ def activation_check(rows: Sequence[dict], fc_bytes: dict[str, int], part: str) 
   largest; the split FC weights (`fc_bytes`, never sent) are printed beside it."""
   lines = []
   for model in sorted({r["model"] for r in rows}):
-    hyb = sorted(
-      (r for r in rows if r["model"] == model and r["strategy"] == "hybrid" and r["devices"] > 1
-       and r["algorithm"] == DEFAULT_ALGORITHM),
-      key=lambda r: r["devices"],
-    )  # fmt: skip
+    hyb = _series(rows, model, "hybrid")
     if len(hyb) < 2:
       continue
     per_image = [

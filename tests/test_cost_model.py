@@ -257,3 +257,8 @@ def test_update_follows_what_each_device_owns_and_a_shared_host_divides_its_rate
   two = cm.predict(MODEL, "data", "butterfly", 2, 4, "cpu", image_size=32)
   assert two.compute_s - two.update_s == pytest.approx(one.compute_s - one.update_s)
   assert two.update_s == pytest.approx(2 * one.update_s)  # every device updates everything
+
+
+def test_the_modelled_strategies_are_the_built_ones():
+  # cost_model keeps its own tuple: strategies imports cost_model, not the reverse.
+  assert cm.STRATEGIES == strategies.STRATEGIES

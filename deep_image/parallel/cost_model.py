@@ -84,9 +84,10 @@ from deep_image.config_error import ConfigError
 from deep_image.models.summary import layer_rows
 from deep_image.models.vgg import make_spec
 from deep_image.parallel import buckets, layouts
+from deep_image.parallel.collectives import ALGORITHMS
 
+# strategies.STRATEGIES, which cannot be imported here: strategies imports this module.
 STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
-ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 # The strategies of the paper's Figure 3 and the algorithm it describes (3.1).
 PAPER_STRATEGIES = ("hybrid", "data")
 PAPER_ALGORITHM = "butterfly"
