@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from typing import Callable, Iterable, Sequence
@@ -213,15 +214,9 @@ def time_round_robin(runners: dict[str, Callable[[], None]], repeats: int, warmu
   return times
 
 
-def _median(xs: Sequence[float]) -> float:
-  xs = sorted(xs)
-  mid = len(xs) // 2
-  return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
 def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
   """Median over rounds of times[r] / base[r]: robust to noise that spans a round."""
-  return _median([t / b for t, b in zip(times, base, strict=True)])
+  return statistics.median([t / b for t, b in zip(times, base, strict=True)])
 
 
 def measure_steps(
@@ -266,9 +261,9 @@ def ratio_rows(result: dict, baseline: str = "gspmd") -> list[dict]:
     rows.append(
       dict(
         config=name,
-        median_ms=1e3 * _median(times[name]),
+        median_ms=1e3 * statistics.median(times[name]),
         min_ms=1e3 * min(times[name]),
-        ratio=_median(times[name]) / _median(base),
+        ratio=statistics.median(times[name]) / statistics.median(base),
         paired=paired_ratio(times[name], base),
         collectives=result.get("collectives", {}).get(name, -1),
       )
@@ -363,7 +358,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
     ),
   ]
   if "1 device" in times:
-    one = _median(times["1 device"])
+    one = statistics.median(times["1 device"])
     best = min((r for r in rows if r["config"] != "gspmd"), key=lambda r: r["median_ms"])
     out += [
       "",
@@ -378,8 +373,8 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
         + [
           (
             f"{name}, {n} devices",
-            f"{1e3 * _median(times[name]):.1f}",
-            f"{_median(times[name]) / one:.3f}",
+            f"{1e3 * statistics.median(times[name]):.1f}",
+            f"{statistics.median(times[name]) / one:.3f}",
             f"{paired_ratio(times[name], times['1 device']):.3f}",
             "yes" if paired_ratio(times[name], times["1 device"]) <= 1.10 else "no",
           )
@@ -388,7 +383,7 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
       ),
     ]
   if "conv" in times:
-    conv_rate = flops["conv"] / _median(times["conv"])
+    conv_rate = flops["conv"] / statistics.median(times["conv"])
     shape = CONV_SHAPE
     progs = ["1 device", "gspmd"] + [r["config"] for r in rows if r["config"] != "gspmd"]
     progs = [p for p in progs if p in times]
@@ -411,10 +406,10 @@ def step_markdown(result: dict, model: str, image_size: int, batch: int, n: int)
           (
             p if p == "1 device" else f"{p}, {n} devices",
             f"{flops[p] / 1e9:.2f}",
-            f"{1e3 * _median(times[p]):.1f}",
-            f"{flops[p] / _median(times[p]) / 1e9:.1f}",
-            f"{flops[p] / _median(times[p]) / conv_rate:.3f}",
-            "yes" if flops[p] / _median(times[p]) / conv_rate >= 0.8 else "no",
+            f"{1e3 * statistics.median(times[p]):.1f}",
+            f"{flops[p] / statistics.median(times[p]) / 1e9:.1f}",
+            f"{flops[p] / statistics.median(times[p]) / conv_rate:.3f}",
+            "yes" if flops[p] / statistics.median(times[p]) / conv_rate >= 0.8 else "no",
           )
           for p in progs
         ],

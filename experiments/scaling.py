@@ -68,6 +68,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -412,12 +413,6 @@ def make_runner(strategy, compiled, p: Program) -> Callable[[], None]:
   return run
 
 
-def _median(xs: Sequence[float]) -> float:
-  xs = sorted(xs)
-  mid = len(xs) // 2
-  return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
 def memory_groups(rows: Sequence[dict], budget_bytes: float) -> list[list[int]]:
   """Indices of rows packed in order into groups whose host memory (memory_bytes x devices)
   fits `budget_bytes`; a program over budget is a group of its own."""
@@ -456,7 +451,7 @@ def measure(programs: Sequence[Program], devices, repeats: int, budget_gb: float
     logging.info("timing group %d: %s", g, [built[i][0].label for i in group])
     times = time_round_robin(runners, repeats, warmup=1)
     for i in group:
-      step = _median(times[i])
+      step = statistics.median(times[i])
       rows[i].update(
         step_ms=1e3 * step,
         images_per_s=rows[i]["global_batch"] / step,
@@ -497,7 +492,7 @@ def process_worker(spec: dict) -> None:
     rows.append(row)
   times = time_round_robin(runners, spec["repeats"], warmup=1)
   for i, row in enumerate(rows):
-    step = _median(times[i])
+    step = statistics.median(times[i])
     row.update(
       processes=spec["processes"],
       step_ms=1e3 * step,
@@ -705,7 +700,8 @@ def time_error_summary(errors: Sequence[dict]) -> list[str]:
   lines = []
   for s in dict.fromkeys(e["strategy"] for e in errors):
     xs = sorted(abs(e["error"]) for e in errors if e["strategy"] == s)
-    lines.append(f"- {s}: median |error| {100 * _median(xs):.0f}%, largest {100 * xs[-1]:.0f}% "
+    median = statistics.median(xs)
+    lines.append(f"- {s}: median |error| {100 * median:.0f}%, largest {100 * xs[-1]:.0f}% "
                  f"({len(xs)} rows)")  # fmt: skip
   return lines
 
