@@ -77,6 +77,7 @@ from typing import Callable, Iterable, Sequence
 from absl import app, flags, logging
 
 # Importing JAX does not start a backend: the host device count set later still applies.
+from deep_image.parallel import cost_model
 from deep_image.parallel.collectives import ALGORITHMS
 from deep_image.parallel.strategies import STRATEGIES
 from experiments.compile_gpu import COLLECTIVE_KINDS, SETUP, parse_computations, shape_bytes
@@ -660,8 +661,6 @@ def claim_checks(rows: Sequence[dict], part: str, label: str) -> dict[str, list[
 def cost_model_rows(rows: Sequence[dict]) -> list[dict]:
   """(predicted - compiled) / compiled bytes sent per device of every multi-device row, by
   `deep_image.parallel.cost_model.compare_bytes` (h100 cluster for H100 rows, cpu else)."""
-  from deep_image.parallel import cost_model  # imports jax: after the device flags
-
   out = []
   for r in rows:
     if r["devices"] < 2 or not r["bytes_sent"] or r["part"] not in ("cpu", "cpu_compile", "gpu"):
@@ -679,8 +678,6 @@ def cost_model_rows(rows: Sequence[dict]) -> list[dict]:
 def cost_model_time_rows(rows: Sequence[dict]) -> list[dict]:
   """(predicted - measured) / measured step time of every measured CPU row, by
   `cost_model.compare_step` on its `cpu` cluster (N devices sharing this host)."""
-  from deep_image.parallel import cost_model  # imports jax: after the device flags
-
   out = []
   for r in rows:
     if r["part"] != "cpu" or not r.get("step_ms"):
@@ -926,8 +923,6 @@ def write_model_figure(rows: Sequence[dict], preset: str, path: str) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  from deep_image.parallel import cost_model
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
   lefts = [r for r in rows if r["figure"] == "left"]
@@ -1210,8 +1205,6 @@ def main(argv):
   if FLAGS.worker:
     process_worker(json.loads(FLAGS.worker))
   elif FLAGS.model_only:
-    from deep_image.parallel import cost_model
-
     print(cost_model.report(FLAGS.preset, FLAGS.model))
     if FLAGS.plot:
       rows = cost_model.predict_rows(FLAGS.preset, FLAGS.model)
