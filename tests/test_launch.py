@@ -157,9 +157,6 @@ def test_a_failing_process_fails_the_launch(tmp_path):
     timeout=200,
   )
   assert run.returncode != 0
-  assert "parallel.num_devices=3 does not divide over parallel.num_processes=2" in (
-    (tmp_path / "process_0.log").read_text()
-  )
   # The launcher names the failed processes and their logs. Both fail on the config, and
   # which one it sees first is a race: the other may already be stopped by its SIGTERM.
   named = re.findall(
@@ -169,6 +166,10 @@ def test_a_failing_process_fails_the_launch(tmp_path):
   assert named[0][1] == "exited with 1", run.stderr[-1000:]
   for i, _, log in named:
     assert log == str(tmp_path / f"process_{i}.log"), run.stderr[-1000:]
+  # The one that failed first says why in its log.
+  assert "parallel.num_devices=3 does not divide over parallel.num_processes=2" in (
+    (tmp_path / f"process_{named[0][0]}.log").read_text()
+  )
 
 
 def test_a_two_process_run_resumes_on_one_process_exactly(tmp_path):
