@@ -44,7 +44,7 @@ import simplejpeg
 from absl import app, flags
 from PIL import Image
 
-from deep_image.data import augment, pipeline
+from deep_image.data import augment, augment_host, data_config, pipeline
 from deep_image.data.sources import decode_image
 
 FLAGS = flags.FLAGS
@@ -182,7 +182,7 @@ def albumentations_transform(scale: int, crop: int):
 
 
 def numpy_vignette(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Half of the images darkened towards the corners, as `augment.vignette_gain`, in numpy."""
+  """Half of the images darkened towards the corners, as `augment_host.vignette_gain`, in numpy."""
   if rng.random() >= 0.5:
     return image
   h, w = image.shape[:2]
@@ -235,7 +235,7 @@ class PipelineRow:
     default_threads = pipeline.READ_THREADS
     if self.read_threads is not None:  # Read when the iterator is built.
       pipeline.READ_THREADS = self.read_threads
-    cfg = pipeline.default_config()
+    cfg = data_config.default_config()
     cfg.train_scale, cfg.num_workers, cfg.augment_on = FLAGS.scale, self.workers, self.augment_on
     cfg.augment.crop_size = FLAGS.crop
     before = {p.pid for p in multiprocessing.active_children()}
@@ -273,7 +273,7 @@ def stage_profile(paths: list[str], repeats: int) -> dict[str, float]:
   rng = np.random.default_rng(0)
   params = [augment.sample_params(rng, space, x.shape[:2]) for x in resized]
   pairs = list(zip(resized, params, strict=True))
-  crops = [augment.apply(x, p) for x, p in pairs]
+  crops = [augment_host.apply(x, p) for x, p in pairs]
   stages = {
     "decode (reduced DCT)": _per_item_us(lambda x: decode_image(x, min_side=s), blobs, repeats),
     "resize shorter side to S": _per_item_us(
@@ -286,11 +286,11 @@ def stage_profile(paths: list[str], repeats: int) -> dict[str, float]:
       lambda x: augment.sample_params(rng, space, x.shape[:2]), resized, repeats
     ),
     "resample (crop, flip, rotation, lens)": _per_item_us(
-      lambda xp: augment.resample(*xp), pairs, repeats
+      lambda xp: augment_host.resample(*xp), pairs, repeats
     ),
   }
   stages["photometric (vignette, cast) + RGB"] = (
-    _per_item_us(lambda xp: augment.apply(*xp), pairs, repeats)
+    _per_item_us(lambda xp: augment_host.apply(*xp), pairs, repeats)
     - stages["resample (crop, flip, rotation, lens)"]
   )
   batch = [crops[i % len(crops)] for i in range(b)]
@@ -316,7 +316,7 @@ def augment_only_rates(paths: list[str], repeats: int) -> tuple[list[float], lis
     rng = np.random.default_rng(0)
     for i in range(count):
       image = images[i % len(images)]
-      augment.apply(image, augment.sample_params(rng, space, image.shape[:2]))
+      augment_host.apply(image, augment.sample_params(rng, space, image.shape[:2]))
 
   def albu():
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ import numpy as np
 import skimage.data
 from absl import app, flags, logging
 
-from deep_image.data import augment
+from deep_image.data import augment, augment_host
 
 _OUT = flags.DEFINE_string("out", None, "Directory to write augmentations.png into.")
 _IMAGE = flags.DEFINE_string("image", None, "Photo to use; scikit-image's astronaut if unset.")
@@ -50,7 +50,7 @@ def gallery_rows(image: np.ndarray, crop: int, seed: int, columns: int):
   """Rows of (label, uint8 [crop, crop, 3]) tiles for `image`, uint8 [H, W, 3]."""
   h, w = image.shape[:2]
   centre = augment.AugmentParams.identity(crop, (h - crop) // 2, (w - crop) // 2)
-  run = lambda label, p: (label, augment.apply(image, p))
+  run = lambda label, p: (label, augment_host.apply(image, p))
   lens = lambda kind, d: centre.replace(lens_kind=kind, lens_degree=d)
   rows = [
     [

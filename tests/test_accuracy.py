@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deep_image.data import pipeline
+from deep_image.data import data_config, pipeline
 from deep_image.evaluate.accuracy import Evaluator
 from deep_image.evaluate.protocol import Protocol
 from deep_image.models import losses
@@ -64,7 +64,7 @@ def _evaluate(source, scale=1.0):
 
 
 def _eval_cfg():
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.train_scale = cfg.eval_scale = SIDE
   cfg.augment.crop_size = SIDE
   cfg.num_workers = 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from deep_image.data import augment
+from deep_image.data import augment, augment_host
 
 ASTRONAUT = skimage.data.astronaut()  # uint8 [512, 512, 3]
 CHELSEA = skimage.data.chelsea()  # uint8 [300, 451, 3]
@@ -79,7 +79,7 @@ def test_sampling_is_deterministic_from_seed():
   assert any(
     not np.array_equal(getattr(a, f), getattr(other, f)) for f in augment.AugmentParams.ARRAY_FIELDS
   )
-  np.testing.assert_array_equal(augment.apply(ASTRONAUT, a), augment.apply(ASTRONAUT, b))
+  np.testing.assert_array_equal(augment_host.apply(ASTRONAUT, a), augment_host.apply(ASTRONAUT, b))
 
 
 def test_switching_one_augmentation_keeps_the_others_draws():
@@ -131,26 +131,28 @@ def test_centre_crop_when_crop_disabled():
 def test_plain_crop_and_flip_are_exact():
   p = augment.AugmentParams.identity(224, crop_y=40, crop_x=100)
   crop = CHELSEA[40:264, 100:324]
-  np.testing.assert_array_equal(augment.apply(CHELSEA, p), crop)
-  np.testing.assert_array_equal(augment.apply(CHELSEA, p.replace(flip=True)), cv2.flip(crop, 1))
+  np.testing.assert_array_equal(augment_host.apply(CHELSEA, p), crop)
+  np.testing.assert_array_equal(
+    augment_host.apply(CHELSEA, p.replace(flip=True)), cv2.flip(crop, 1)
+  )
   full = augment.AugmentParams.identity(512).replace(flip=True)
-  out = augment.apply(ASTRONAUT, full)
+  out = augment_host.apply(ASTRONAUT, full)
   np.testing.assert_array_equal(out, cv2.flip(ASTRONAUT, 1))
-  assert not np.shares_memory(augment.apply(ASTRONAUT, full.replace(flip=False)), ASTRONAUT)
+  assert not np.shares_memory(augment_host.apply(ASTRONAUT, full.replace(flip=False)), ASTRONAUT)
 
 
 @pytest.mark.parametrize("degrees", [-10, -3, 7])
 def test_rotation_matches_warp_affine(degrees):
   p = augment.AugmentParams.identity(512).replace(rotation=degrees)
   expected = _warp(ASTRONAUT, _rotation(255.5, degrees), 512)
-  assert _mad(augment.apply(ASTRONAUT, p), expected) <= 1.0
-  assert _mad(augment.apply(ASTRONAUT, p.replace(rotation=-degrees)), expected) > 5.0
+  assert _mad(augment_host.apply(ASTRONAUT, p), expected) <= 1.0
+  assert _mad(augment_host.apply(ASTRONAUT, p.replace(rotation=-degrees)), expected) > 5.0
 
 
 def test_flip_then_rotation_matches_warp_affine_of_flipped():
   p = augment.AugmentParams.identity(512).replace(flip=True, rotation=6)
   expected = _warp(cv2.flip(ASTRONAUT, 1), _rotation(255.5, 6), 512)
-  assert _mad(augment.apply(ASTRONAUT, p), expected) <= 1.0
+  assert _mad(augment_host.apply(ASTRONAUT, p), expected) <= 1.0
 
 
 def test_crop_flip_rotation_compose_into_one_affine_map():
@@ -160,7 +162,7 @@ def test_crop_flip_rotation_compose_into_one_affine_map():
   mirror = np.array([[-1, 0, 2 * cc], [0, 1, 0], [0, 0, 1]], np.float64)
   matrix = _rotation(cc, -8) @ mirror @ translate
   p = augment.AugmentParams.identity(c, crop_y=y0, crop_x=x0).replace(flip=True, rotation=-8)
-  assert _mad(augment.apply(CHELSEA, p), _warp(CHELSEA, matrix, c)) <= 1.0
+  assert _mad(augment_host.apply(CHELSEA, p), _warp(CHELSEA, matrix, c)) <= 1.0
 
 
 @pytest.mark.parametrize("kind,sign", [(augment.LENS_BARREL, 1), (augment.LENS_PINCUSHION, -1)])
@@ -174,12 +176,12 @@ def test_radial_lens_distortion_matches_opencv_undistort_map(kind, sign):
   )
   expected = cv2.remap(ASTRONAUT, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
   p = augment.AugmentParams.identity(512).replace(lens_kind=kind, lens_degree=degree)
-  out = augment.apply(ASTRONAUT, p)
+  out = augment_host.apply(ASTRONAUT, p)
   assert _mad(out, expected) <= 1.0
   # The distortion is visible: far from the identity, and barrel != pincushion.
   assert _mad(out, ASTRONAUT) > 5.0
   other = p.replace(lens_kind=augment.LENS_BARREL + augment.LENS_PINCUSHION - kind)
-  assert _mad(augment.apply(ASTRONAUT, other), expected) > 5.0
+  assert _mad(augment_host.apply(ASTRONAUT, other), expected) > 5.0
 
 
 def test_barrel_on_a_crop_samples_the_surrounding_image():
@@ -195,7 +197,7 @@ def test_barrel_on_a_crop_samples_the_surrounding_image():
   map_y = ((v - cc) * radial + cc + y0).astype(np.float32)
   assert map_x.min() < x0 and map_y.max() > y0 + c  # The map does leave the crop.
   expected = cv2.remap(CHELSEA, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-  assert _mad(augment.apply(CHELSEA, p), expected) <= 1.0
+  assert _mad(augment_host.apply(CHELSEA, p), expected) <= 1.0
 
 
 @pytest.mark.parametrize("kind", [augment.LENS_STRETCH_H, augment.LENS_STRETCH_V])
@@ -210,7 +212,7 @@ def test_stretching_matches_warp_affine(kind):
     return _warp(ASTRONAUT, matrix, 512)
 
   p = augment.AugmentParams.identity(512).replace(lens_kind=kind, lens_degree=degree)
-  out = augment.apply(ASTRONAUT, p)
+  out = augment_host.apply(ASTRONAUT, p)
   assert _mad(out, stretch(axis)) <= 1.0
   assert _mad(out, stretch(1 - axis)) > 5.0
 
@@ -218,8 +220,8 @@ def test_stretching_matches_warp_affine(kind):
 def test_color_cast_adds_exact_integers_with_clipping():
   source = CHELSEA.copy()  # A plain crop is a view: the cast must not write through it.
   p = augment.AugmentParams.identity(224, crop_y=10, crop_x=20)
-  crop = augment.apply(CHELSEA, p)
-  out = augment.apply(CHELSEA, p.replace(color_shift=[-20, 0, 20]))
+  crop = augment_host.apply(CHELSEA, p)
+  out = augment_host.apply(CHELSEA, p.replace(color_shift=[-20, 0, 20]))
   expected = np.clip(crop.astype(np.int16) + np.array([-20, 0, 20]), 0, 255).astype(np.uint8)
   np.testing.assert_array_equal(out, expected)
   np.testing.assert_array_equal(CHELSEA, source)
@@ -228,8 +230,8 @@ def test_color_cast_adds_exact_integers_with_clipping():
 def test_vignetting_darkens_only_outside_its_radius():
   c = 224
   p = augment.AugmentParams.identity(c, crop_y=30, crop_x=60)
-  crop = augment.apply(CHELSEA, p).astype(np.float64)
-  out = augment.apply(CHELSEA, p.replace(vignette_radius=0.5, vignette_strength=0.6))
+  crop = augment_host.apply(CHELSEA, p).astype(np.float64)
+  out = augment_host.apply(CHELSEA, p.replace(vignette_radius=0.5, vignette_strength=0.6))
   out = out.astype(np.float64)
   centre = slice(c // 2 - 30, c // 2 + 30)  # Radius < 0.5 of the half-diagonal.
   np.testing.assert_array_equal(out[centre, centre], crop[centre, centre])
@@ -240,8 +242,8 @@ def test_vignetting_darkens_only_outside_its_radius():
 
 
 def test_vignette_gain_formula():
-  gain = augment.vignette_gain(0.25, 0.5, 224)
-  _, _, _, r = augment.base_grid(224)
+  gain = augment_host.vignette_gain(0.25, 0.5, 224)
+  _, _, _, r = augment_host.base_grid(224)
   t = np.clip((r - 0.25) / 0.75, 0, 1)
   np.testing.assert_allclose(gain, 1 - 0.5 * (3 * t**2 - 2 * t**3), atol=1e-6)
   assert gain.max() == 1.0 and abs(gain.min() - 0.5) < 1e-6
@@ -250,7 +252,7 @@ def test_vignette_gain_formula():
 def test_apply_rejects_non_uint8_rgb():
   p = augment.AugmentParams.identity(224)
   with pytest.raises(ValueError, match="uint8"):
-    augment.apply(CHELSEA.astype(np.float32), p)
+    augment_host.apply(CHELSEA.astype(np.float32), p)
 
 
 def test_stack_params_batches_and_checks_crop_size():
@@ -306,11 +308,11 @@ def test_affine_fast_path_is_the_sampling_grid(kind):
   p = augment.AugmentParams.identity(224, crop_y=30, crop_x=150).replace(
     flip=True, rotation=-7, lens_kind=kind, lens_degree=40 if kind else 0
   )
-  assert augment.affine_matrix(p) is not None
-  map_x, map_y = augment.sampling_grid(p)
+  assert augment_host.affine_matrix(p) is not None
+  map_x, map_y = augment_host.sampling_grid(p)
   expected = cv2.remap(CHELSEA, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-  resampled = augment.resample(CHELSEA, p)
+  resampled = augment_host.resample(CHELSEA, p)
   assert resampled.shape == (224, 224, 4)  # The 4-channel fast kernels (module docstring).
   assert _mad(np.ascontiguousarray(resampled[..., :3]), expected) <= 0.05
   barrel = p.replace(lens_kind=augment.LENS_BARREL, lens_degree=40)
-  assert augment.affine_matrix(barrel) is None
+  assert augment_host.affine_matrix(barrel) is None

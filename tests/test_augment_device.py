@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import skimage.data
 
-from deep_image.data import augment, augment_device
+from deep_image.data import augment, augment_device, augment_host
 
 SIZE = 320  # Source side: large enough for 224 crops, small enough for a quick CPU test.
 PHOTOS = np.stack(
@@ -39,11 +39,11 @@ def test_device_matches_host_and_jits_once():
     out = np.asarray(step(images, augment.stack_params(params)))
     assert out.shape == (6, 224, 224, 3) and out.dtype == np.uint8
     for i, p in enumerate(params):
-      host = augment.apply(images[i], p)
+      host = augment_host.apply(images[i], p)
       diff = np.abs(out[i].astype(np.int16) - host.astype(np.int16))
       assert diff.mean() <= 1.0, (seed, i, p)
       # The wrong image of the batch would be far off: the comparison can fail.
-      other = augment.apply(images[(i + 1) % len(images)], p)
+      other = augment_host.apply(images[(i + 1) % len(images)], p)
       assert np.abs(out[i].astype(np.int16) - other.astype(np.int16)).mean() > 5.0
   assert len(traces) == 1
 

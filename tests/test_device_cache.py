@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deep_image.data import augment, augment_device, device_cache, pipeline, sources
+from deep_image.data import augment, augment_device, data_config, device_cache, sources
 
 
 class IndexSource:
@@ -29,7 +29,7 @@ def _sharding(mesh_shape=(8,), names=("data",)):
 
 
 def _digits_cfg(**overrides):
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.source, cfg.image_size, cfg.train_scale = "digits", 32, 32
   cfg.augment.crop_size = 28
   cfg.cache_on_device = True
@@ -62,7 +62,7 @@ def test_fits_gives_sharded_deterministic_batches():
 
 
 def test_plain_crops_read_the_right_rows_and_an_epoch_covers_the_cache():
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.train_scale, cfg.cache_on_device = 20, True
   cfg.augment.crop_size = 16
   for name in ("flip", "rotation", "lens_distortion", "vignetting", "color_cast"):

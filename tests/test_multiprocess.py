@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deep_image.data import device_cache, global_batch, pipeline
+from deep_image.data import data_config, device_cache, global_batch
 
 ROWS_PER_PROCESS = 8
 CACHE_EXAMPLES = 44  # 40 cached over 8 shards (4 dropped), 5 rows per shard.
@@ -55,7 +55,7 @@ def cache_batches(mesh: jax.sharding.Mesh) -> dict:
     {'info': cache facts, 'steps': [{'images_sha256', 'labels'}], 'read': sorted source
     indices this process decoded}.
   """
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.train_scale, cfg.cache_on_device = 20, True
   cfg.augment.crop_size = 16  # Default augmentations stay on: their sampling is compared too.
   source = RecordingSource(CACHE_EXAMPLES)
@@ -109,7 +109,7 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
     out["bad_rows_error"] = str(e)
 
   # Processes that see different free memory agree on the smallest (sizes over 2**31 bytes).
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.cache_budget_bytes = (3 + 2 * process_id) << 30
   out["plan_free_bytes"] = device_cache.plan_cache(40, cfg, sharding)["free_bytes_per_device"]
   out["cache"] = cache_batches(mesh)
@@ -173,7 +173,9 @@ def test_to_global_and_device_cache_over_two_processes(tmp_path):
   # The device cache: the same global batches as one process with 8 devices.
   reference = cache_batches(jax.make_mesh((8,), ("data",)))
   assert reference["info"]["rows"] == 40 and len(reference["read"]) == 40
-  assert reference["info"]["free_bytes_per_device"] == pipeline.default_config().cache_budget_bytes
+  assert (
+    reference["info"]["free_bytes_per_device"] == data_config.default_config().cache_budget_bytes
+  )
   for out in outs:
     assert out["cache"]["info"] == reference["info"]
     assert out["cache"]["steps"] == reference["steps"]

@@ -1,6 +1,7 @@
 """Grain pipelines: determinism, exact resume, one global stream over processes, errors,
 workers, host == device."""
 
+import pathlib
 import signal
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deep_image.data import pipeline
+from deep_image.data import augment, augment_device, augment_host, data_config, pipeline
 
 
 def _highres_cfg(**overrides):
   # Small sizes keep every test well under a second per batch on 2 cores.
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.source = "highres"
   cfg.highres.image_size = 96
   cfg.highres.num_train_examples = 24
@@ -47,7 +48,7 @@ class IndexSource:
 
 
 def _index_cfg(crop=12, scale=16):
-  cfg = pipeline.default_config()
+  cfg = data_config.default_config()
   cfg.train_scale, cfg.eval_scale = scale, scale
   cfg.augment.crop_size = crop
   return cfg
@@ -135,7 +136,7 @@ def test_host_and_device_augmentation_agree(source):
   if source == "highres":
     cfg = _highres_cfg()
   else:
-    cfg = pipeline.default_config()
+    cfg = data_config.default_config()
     cfg.source, cfg.image_size, cfg.train_scale = "digits", 32, 40
     cfg.augment.crop_size = 32
   host = _take(pipeline.make_train_iterator(cfg, global_batch_size=16, seed=5), 2)
@@ -145,7 +146,7 @@ def test_host_and_device_augmentation_agree(source):
   for h, d in zip(host, device, strict=True):
     np.testing.assert_array_equal(h["label"], d["label"])
     on_device = jax.device_put(d, NamedSharding(mesh, P("data")))
-    crops = pipeline.device_augment_jit(on_device, cfg.augment.crop_size)
+    crops = augment_device.augment_batch_jit(on_device, cfg.augment.crop_size)
     assert crops.shape == h["image"].shape and crops.sharding.spec[0] == "data"
     diff = np.abs(np.asarray(crops).astype(int) - h["image"].astype(int))
     assert diff.max() <= 1, diff.max()
@@ -153,11 +154,11 @@ def test_host_and_device_augmentation_agree(source):
 
 def test_square_window_holds_the_crop_of_a_wide_image():
   image = np.random.default_rng(0).integers(0, 256, (64, 150, 3), np.uint8)
-  params = pipeline.augment.AugmentParams.identity(56, crop_y=3, crop_x=90)
+  params = augment.AugmentParams.identity(56, crop_y=3, crop_x=90)
   window, moved = pipeline.square_window(image, params)
   assert window.shape == (64, 64, 3)
   np.testing.assert_array_equal(
-    pipeline.augment.apply(window, moved), pipeline.augment.apply(image, params)
+    augment_host.apply(window, moved), augment_host.apply(image, params)
   )
 
 
@@ -166,7 +167,7 @@ def test_device_augment_needs_no_communication():
   cfg = _highres_cfg(augment_on="device")
   batch = next(pipeline.make_train_iterator(cfg, global_batch_size=8, seed=0))
   sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
-  hlo = pipeline.device_augment_jit.lower(sharded, 56).compile().as_text()
+  hlo = augment_device.augment_batch_jit.lower(sharded, 56).compile().as_text()
   for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
     assert collective not in hlo
 
@@ -225,7 +226,7 @@ _WORKERS_SCRIPT = textwrap.dedent(
   """
   import gc, multiprocessing, signal, sys, time
   import numpy as np
-  from deep_image.data import pipeline
+  from deep_image.data import data_config, pipeline
 
   # Ctrl-C raises KeyboardInterrupt, as in a terminal. Python keeps SIGINT ignored when its
   # parent ignored it, and a pytest-xdist worker may: the SIGINT test then hung for 60 s.
@@ -238,7 +239,7 @@ _WORKERS_SCRIPT = textwrap.dedent(
     return multiprocessing.active_children()
 
   def make(source, workers=2):
-    cfg = pipeline.default_config()
+    cfg = data_config.default_config()
     cfg.source, cfg.num_workers = source, workers
     if source == "highres":
       cfg.highres.image_size, cfg.highres.num_train_examples, cfg.train_scale = 96, 32, 64
@@ -339,6 +340,35 @@ def test_ctrl_c_in_the_parent_leaves_no_worker_behind():
     proc.kill()
   assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-3000:]
   assert not _pids_gone(pids)
+
+
+# The Grain workers' side (the pipeline's callables, the host augmentation, the sources) and
+# the config files, with `import jax` made to fail: none of them may need JAX. (Grain itself
+# imports jax when it is installed and runs without it.)
+_NO_JAX_SCRIPT = textwrap.dedent(
+  """
+  import glob, importlib, pathlib, sys
+  sys.modules["jax"] = None  # Any `import jax` from here on raises ImportError.
+  from deep_image.data import data_config, pipeline
+  for path in sorted(glob.glob("experiments/configs/*.py")):
+    importlib.import_module("experiments.configs." + pathlib.Path(path).stem)
+  for augment_on, side in (("host", 32), ("device", 36)):
+    cfg = data_config.default_config()
+    cfg.source, cfg.image_size, cfg.train_scale, cfg.augment_on = "digits", 32, 36, augment_on
+    cfg.augment.crop_size = 32
+    batch = next(pipeline.make_train_iterator(cfg, global_batch_size=4, seed=0))
+    assert batch["image"].shape == (4, side, side, 3), (augment_on, batch["image"].shape)
+  print("no jax needed", flush=True)
+  """
+)
+
+
+def test_workers_and_config_files_run_without_jax():
+  root = pathlib.Path(__file__).resolve().parent.parent
+  result = subprocess.run(
+    [sys.executable, "-c", _NO_JAX_SCRIPT], capture_output=True, text=True, timeout=120, cwd=root
+  )
+  assert result.returncode == 0 and "no jax needed" in result.stdout, result.stderr[-3000:]
 
 
 def test_jpeg_decode_matches_pillow_and_falls_back_to_it():

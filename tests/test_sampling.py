@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from deep_image.data import augment, augment_device, pipeline
+from deep_image.data import augment, augment_device, data_config, pipeline
 from experiments.configs import base
 
 N = 4000
@@ -209,7 +209,7 @@ class _FlatSource:
 
 def test_train_pipeline_samples_from_the_data_config():
   # The Grain pipeline builds its sampler from `data.augment`, not from the defaults.
-  data_cfg = pipeline.default_config()
+  data_cfg = data_config.default_config()
   data_cfg.augment, data_cfg.augment_on = _restricted(), "device"
   data_cfg.train_scale, data_cfg.num_workers = min(IMAGE_HW), 0
   batches = pipeline.make_train_iterator(

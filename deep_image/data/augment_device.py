@@ -10,7 +10,7 @@ training loop's in-step preprocess hook:
   apply_batch_jit, augment_batch_jit  jitted for callers outside a jitted step.
 
 Same parameters (`augment.AugmentParams`, stacked to a leading [B]) and the same maps as the
-host path in `augment.py`; only the resampler differs. cv2.remap quantises source
+host path in `augment_host.py`; only the resampler differs. cv2.remap quantises source
 coordinates to 1/32 pixel and uses fixed-point weights, this file samples at the exact
 float32 coordinates, so the two agree to well under one gray level on average (tested).
 
@@ -34,7 +34,7 @@ jax.tree_util.register_dataclass(
 
 
 def sampling_grid(params: augment.AugmentParams) -> tuple[jax.Array, jax.Array]:
-  """Composed output-to-source maps of a batch, as `augment.sampling_grid` documents.
+  """Composed output-to-source maps of a batch, as `augment_host.sampling_grid` documents.
 
   Crop centre cc = (c - 1) / 2, pixel-centre coordinates in source pixels, x right, y down;
   backwards through lens distortion / stretching, rotation (degrees, counter-clockwise),
@@ -97,7 +97,7 @@ def remap_bilinear(images: jax.Array, map_x: jax.Array, map_y: jax.Array) -> jax
 
 
 def vignette_gain(params: augment.AugmentParams) -> jax.Array:
-  """float32 [B, c, c] gain, `augment.vignette_gain`'s formula; exactly 1 where strength is 0."""
+  """float32 [B, c, c] gain, `augment_host.vignette_gain`'s formula; 1 where strength is 0."""
   c = params.crop_size
   half = (c - 1) / 2.0
   axis = jnp.arange(c, dtype=jnp.float32) - half

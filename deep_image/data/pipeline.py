@@ -22,19 +22,19 @@ of each global batch, `global_batch.to_global`), with or without workers, and
 the same process and worker counts).
 
 With `augment_on='device'` the workers do only the decoding and resizing; the crop and
-augmentations run batched inside the jitted step (`augment_device.augment_batch`, also
-exported here as `device_augment`), from the same sampled parameters, so the two modes give
-the same pixels (to one gray level, tested).
+augmentations run batched inside the jitted step (`augment_device.augment_batch`, which the
+training loop's preprocess hook calls), from the same sampled parameters, so the two modes
+give the same pixels (to one gray level, tested). This module imports nothing of ours that
+uses JAX, so the Grain workers that unpickle its callables need none (tests/test_pipeline.py
+runs it with `import jax` failing; Grain itself imports jax where it is installed, and runs
+without it).
 
 Eval (`make_eval_iterator`): one pass in source order, the last batch padded with repeats
 of real records and a 'mask' marking the real ones.
 
-Config fields (`config.data`): `default_config()` is the one place their defaults live, the
-source's fields (`sources.default_config()`) plus train_scale, eval_scale, num_workers,
-worker_buffer_size, augment_on, augment (`augment.default_config()`), cache_on_device,
-cache_budget_bytes, cache_memory_fraction (the last three are read by `device_cache`). The
-experiment configs start from it (`experiments/configs/base.py`); code reads the fields
-directly, so a config without one fails loudly instead of running on a hidden default.
+Config fields (`config.data`): `data_config.default_config()` declares them with their
+defaults; code reads the fields directly, so a config without one fails loudly instead of
+running on a hidden default.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 from absl import flags
 
 from deep_image.config_error import ConfigError
-from deep_image.data import augment, augment_device, sources
+from deep_image.data import augment, augment_host
 from deep_image.data.sources import decode_image, make_source
 
 AUGMENT_ON = ("host", "device")
@@ -63,42 +63,6 @@ EVAL_MODES = ("center", "square", "full")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 _TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every `config.data` field the data code reads: the source's (`sources.default_config`,
-  documented in `deep_image/data/sources.py`) and the pipeline's.
-
-  Pipeline fields:
-    train_scale: S, training images are resized so their shorter side is S (256, 512, ...;
-      paper 4.2 trains one model per scale) before the random crop.
-    eval_scale: shorter side of evaluation images before the centre crop / dense evaluation;
-      0 (the default): the train scale, so a model is tested at the scale it learned
-      (`eval_scale(data_cfg)` resolves it).
-    num_workers: Grain worker processes (`mp_prefetch`); 0 runs the pipeline in-process.
-    worker_buffer_size: batches each worker prepares ahead.
-    augment_on: 'host' (workers crop and augment) or 'device' (workers only decode and
-      resize; `augment_device.augment_batch` crops and augments inside the jitted step).
-    augment: `augment.default_config()`; `augment.crop_size` is the training crop c and the
-      evaluation centre crop.
-    cache_on_device: keep the decoded S x S dataset in device memory when it fits
-      (`device_cache`, paper 3.1).
-    cache_budget_bytes: per-device free memory assumed where the device reports none
-      (`memory_stats()` is None on CPU).
-    cache_memory_fraction: share of a device's free memory the cache may take; the rest is
-      left for activations.
-  """
-  cfg = sources.default_config()
-  cfg.train_scale = 256
-  cfg.eval_scale = 0
-  cfg.num_workers = 0
-  cfg.worker_buffer_size = 2
-  cfg.augment_on = "host"
-  cfg.augment = augment.default_config()
-  cfg.cache_on_device = False
-  cfg.cache_budget_bytes = 2 * 1024**3
-  cfg.cache_memory_fraction = 0.5
-  return cfg
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -169,7 +133,7 @@ class _TrainExample:
     params = augment.sample_params(rng, self.space, image.shape[:2])
     label = np.int32(record["label"])
     if self.augment_on == "host":
-      return {"image": augment.apply(image, params), "label": label}
+      return {"image": augment_host.apply(image, params), "label": label}
     window, params = square_window(image, params)
     return {"image": window, "label": label, "augment": params.as_dict()}
 
@@ -397,11 +361,12 @@ def make_train_iterator(
   num_workers: int | None = None,
   source: Any = None,
   start_batch: int = 0,
+  sampling_space: Any = None,  # data_cfg.augment's SamplingSpace, if built already
 ) -> grain.DatasetIterator:
   """Endless, shuffled, augmented host-local training batches of this process.
 
   Args:
-    data_cfg: `config.data` (source fields as `sources.make_source`, plus `default_config()`).
+    data_cfg: `config.data` (`data_config.default_config()`).
     global_batch_size: examples per step over all processes (`train.batch_size`).
     seed: shuffling and augmentation seed.
     process_index, process_count: this process reads rows [p b, (p+1) b) of every global
@@ -438,7 +403,8 @@ def make_train_iterator(
       f"(train.batch_size={global_batch_size})"
     )
   ds = _EpochShuffle(grain.MapDataset.source(src), seed=_op_seed(seed, 0)).repeat()
-  example = _TrainExample(scale, augment.SamplingSpace.from_config(aug_cfg), augment_on)
+  space = sampling_space or augment.SamplingSpace.from_config(aug_cfg)
+  example = _TrainExample(scale, space, augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
   ds = _ProcessRows(ds, global_batch_size, process_index, process_count)
   options = _read_options(data_cfg, num_workers)
@@ -450,12 +416,6 @@ def make_train_iterator(
   else:
     ds = ds[start_batch * b :].to_iter_dataset(options).batch(b, drop_remainder=True)
   return _iterate(ds, data_cfg, num_workers)
-
-
-# The device half of augment_on='device' lives in `augment_device`; these names stay for
-# callers of the pipeline (the training loop's preprocess hook).
-device_augment = augment_device.augment_batch
-device_augment_jit = augment_device.augment_batch_jit
 
 
 class _EvalExample:

@@ -43,7 +43,7 @@ SOURCES = ("tfds", "array_record", "digits", "highres")
 
 def default_config() -> ml_collections.ConfigDict:
   """The source fields of `config.data` with their defaults (the module docstring says what
-  each one means); `pipeline.default_config()` adds the pipeline's fields to these."""
+  each one means); `data_config.default_config()` adds the pipeline's fields to these."""
   cfg = ml_collections.ConfigDict()
   cfg.source = "digits"
   cfg.splits = ml_collections.ConfigDict({"train": "train", "validation": "validation"})

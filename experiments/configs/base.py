@@ -6,7 +6,7 @@ r"""Base config: every field the code reads, with its default (the digits job).
 Every experiment config starts here and changes values only, so every field below exists
 in every config and `--config.FIELD=VALUE` works on any of them. Library code reads the
 fields directly (`config.data.data_dir`), with no defaults of its own. The data fields
-come from `deep_image.data.pipeline.default_config()` (the source's, the pipeline's and
+come from `deep_image.data.data_config.default_config()` (the source's, the pipeline's and
 the augmentations'), the one place they are defined; this file sets the digits job's
 values. `get_config(arg)`: `arg` is a comma-separated list of variants applied in order
 (`--config=FILE:tiny`); `tiny` shrinks the job to seconds on a CPU (vgg_tiny, 16 px
@@ -102,7 +102,7 @@ train.keep_checkpoints                  3                latest checkpoints kept
 `seed` so that a new run seed keeps the same dataset (digits' train/test split, highres
 scenes). `parallel.model_axes` empty means every mesh axis. The end of a run always
 evaluates and checkpoints. Source fields: `deep_image/data/sources.py`; pipeline fields:
-`deep_image/data/pipeline.py:default_config`; augmentation grids: `deep_image/data/augment.py`.
+`deep_image/data/data_config.py`; augmentation grids: `deep_image/data/augment.py`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ from typing import Callable, Mapping
 
 import ml_collections
 
-from deep_image.data import pipeline
+from deep_image.data import data_config
 
 Variant = Callable[[ml_collections.ConfigDict], None]
 
@@ -131,7 +131,7 @@ def _job() -> ml_collections.ConfigDict:
 
   # The data code's fields and defaults (source, pipeline, augmentations, device cache);
   # below, only the values of the digits job.
-  c.data = pipeline.default_config()
+  c.data = data_config.default_config()
   c.data.source = "digits"
   c.data.image_size = 32
   c.data.eval_split = "validation"
