@@ -33,18 +33,14 @@ from experiments.configs import base, table2
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
-  """vgg_tiny on the prepared folder of generated 48 px scenes, 12 steps, in place."""
-  c.model.name = "vgg_tiny"
+  """`base.tiny_run` on the prepared folder of generated 48 px scenes, in place."""
+  base.tiny_run(c)
   c.model.num_classes = 8
   c.model.image_size = c.data.augment.crop_size = 16
   c.data.data_dir = "/tmp/folder_prepared"
   c.data.train_scale = 24
   c.data.num_workers = 0
-  c.train.batch_size = c.train.eval_batch_size = 32
-  c.train.num_steps = 12
-  c.train.warmup_steps = 2
-  c.train.log_every = 4
-  c.train.eval_every = c.train.checkpoint_every = 8
+  c.train.eval_batch_size = 32
 
 
 VARIANTS: dict[str, base.Variant] = {"s512": table2.s512, "tiny": tiny}

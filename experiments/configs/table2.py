@@ -40,8 +40,8 @@ from experiments.configs import base
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
-  """The `tiny` variant, in place: vgg_tiny on generated 64 px scenes, 12 steps."""
-  c.model.name = "vgg_tiny"
+  """The `tiny` variant, in place: `base.tiny_run` on generated 64 px scenes."""
+  base.tiny_run(c)
   c.model.num_classes = 8
   c.model.image_size = c.data.augment.crop_size = 32
   c.data.source = "highres"
@@ -55,12 +55,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.data.highres.num_eval_examples = 64
   c.data.train_scale = 36
   c.data.num_workers = 0
-  c.train.batch_size = 32
   c.train.eval_batch_size = 32
-  c.train.num_steps = 12
-  c.train.warmup_steps = 2
-  c.train.log_every = 4
-  c.train.eval_every = c.train.checkpoint_every = 8
 
 
 def s512(c: ml_collections.ConfigDict) -> None:
@@ -86,13 +81,12 @@ def table2() -> ml_collections.ConfigDict:
   c.data.augment.flip.enabled = True
   c.data.num_workers = 8
   c.train.batch_size = 256
-  c.train.learning_rate = 0.01
+  c.train.learning_rate = 0.01  # the paper's, per 256 images
   c.train.lr_batch_reference = 256
   c.train.num_steps = 370_000
   c.train.warmup_steps = 5_000
   c.train.log_every = 100
-  c.train.eval_every = 5_000
-  c.train.checkpoint_every = 1_000
+  # eval_every, checkpoint_every: base's (5,000 and 1,000 steps).
   return c
 
 
