@@ -44,7 +44,7 @@ import simplejpeg
 from absl import app, flags
 from PIL import Image
 
-from deep_image.data import augment, augment_host, data_config, pipeline
+from deep_image.data import augment, augment_host, data_config, grain_workers, pipeline
 from deep_image.data.sources import decode_image
 
 FLAGS = flags.FLAGS
@@ -149,7 +149,7 @@ _ALBU = None
 
 def _worker_setup(paths: list[str], scale: int, crop: int) -> None:
   global _BLOBS, _ALBU
-  pipeline.init_worker(0, 1)  # Same OpenCV threads and malloc settings as our workers.
+  grain_workers.init_worker(0, 1)  # Same OpenCV threads and malloc settings as our workers.
   _BLOBS = [open(p, "rb").read() for p in paths]
   _ALBU = albumentations_transform(scale, crop)
 
@@ -232,9 +232,9 @@ class PipelineRow:
 
   def time(self, count: int) -> float:
     """Images/s over `count` images in steady state; records CPU per image."""
-    default_threads = pipeline.READ_THREADS
+    default_threads = grain_workers.READ_THREADS
     if self.read_threads is not None:  # Read when the iterator is built.
-      pipeline.READ_THREADS = self.read_threads
+      grain_workers.READ_THREADS = self.read_threads
     cfg = data_config.default_config()
     cfg.train_scale, cfg.num_workers, cfg.augment_on = FLAGS.scale, self.workers, self.augment_on
     cfg.augment.crop_size = FLAGS.crop
@@ -242,7 +242,7 @@ class PipelineRow:
     it = pipeline.make_train_iterator(
       cfg, global_batch_size=FLAGS.batch_size, seed=0, source=JpegSource(self.paths)
     )
-    pipeline.READ_THREADS = default_threads
+    grain_workers.READ_THREADS = default_threads
     # Worker start-up and the batches Grain buffers meanwhile (up to ~6 per worker: 2 in
     # data.worker_buffer_size, the rest in its transfer queues) are not throughput.
     for _ in range(8 * max(self.workers, 1) + 2):
@@ -483,7 +483,7 @@ def main(argv):
       )
 
   ours0 = serial["rate"]
-  threads = pipeline.READ_THREADS
+  threads = grain_workers.READ_THREADS
   rows = [
     ("(a1) decode only, reduced DCT (`decode_image`), 1 proc", decode_one, ""),
     (

@@ -12,7 +12,7 @@ Train (`make_train_iterator`), per process:
                                              process p reads [g B + p b, g B + (p+1) b)
     .to_iter_dataset().batch(b, drop)      b = global batch / P (with workers: batched
                                              first, so each worker makes whole batches)
-    .mp_prefetch(num_workers)              when data.num_workers > 0
+    .mp_prefetch(num_workers)              when data.num_workers > 0 (`grain_workers`)
 
 The per-record generator of `random_map` is a pure function of (seed, global position), and
 the order of the global stream of (seed, epoch): the same seed gives the same global batches
@@ -39,30 +39,19 @@ running on a hidden default.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
-import os
-import weakref
 from typing import Any
 
 import cv2
 import grain
 import ml_collections
 import numpy as np
-from absl import flags
 
 from deep_image.config_error import ConfigError
-from deep_image.data import augment, augment_host
+from deep_image.data import augment, augment_host, grain_workers
 from deep_image.data.sources import decode_image, make_source
 
 AUGMENT_ON = ("host", "device")
 EVAL_MODES = ("center", "square", "full")
-
-# glibc mallopt parameters (malloc.h): the env vars MALLOC_TRIM_THRESHOLD_ /
-# MALLOC_MMAP_THRESHOLD_ set the same, but only for processes started after they are set.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -138,21 +127,6 @@ class _TrainExample:
     return {"image": window, "label": label, "augment": params.as_dict()}
 
 
-def init_worker(worker_index: int, worker_count: int) -> None:
-  """Grain worker setup: one OpenCV thread per worker, and glibc malloc tuned for images."""
-  del worker_index, worker_count
-  # The workers are the parallelism; OpenCV's own threads would oversubscribe the cores.
-  cv2.setNumThreads(1)
-  # Image-sized buffers sit above glibc's default mmap threshold, so every image paid page
-  # faults for fresh mmaps (up to 2.2x slower, DESIGN.md); keep them on the heap instead.
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:  # Not glibc (macOS, musl): nothing to tune.
-    return
-  libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-  libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-
-
 def check_augment_on(data_cfg: ml_collections.ConfigDict) -> None:
   """ConfigError unless data.augment_on is one of AUGMENT_ON."""
   if data_cfg.augment_on not in AUGMENT_ON:
@@ -173,106 +147,6 @@ def check_crop_fits(data_cfg: ml_collections.ConfigDict, scale_field: str) -> No
   scale = eval_scale(data_cfg) if scale_field == "eval_scale" else int(data_cfg[scale_field])
   if crop > scale:
     raise ConfigError(f"data.augment.crop_size={crop} exceeds data.{scale_field}={scale}")
-
-
-def ensure_grain_flags() -> None:
-  """Lets Grain's worker processes start outside an absl app (a notebook, another script).
-
-  Grain reads its settings from absl flags (`--grain_*`) when it starts workers; in a program
-  that never ran `absl.app.run`, reading them raises UnparsedFlagAccessError. Marking the
-  flags parsed keeps every flag at its default, as `app.run` with no arguments would; a
-  program that parses its flags (or does so later) is unaffected.
-  """
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-class WorkerIterator:
-  """A Grain iterator with worker processes, that ends them when it ends.
-
-  Same interface as the Grain iterator it owns (`next`, `get_state`, `set_state`, `close`),
-  plus a context manager. The workers stop on `close()`, when the iterator is garbage
-  collected, or at interpreter exit, including after an uncaught exception or a
-  KeyboardInterrupt: an atexit hook closes every open one while the interpreter is still
-  whole. (Left to Grain's own `__del__` at shutdown, the close fails half-way because
-  Grain's modules are already torn down, and leaks shared memory.)
-  """
-
-  def __init__(self, it: grain.DatasetIterator):
-    self._it = it
-    _open_iterators.add(self)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Any:
-    return next(self._it)
-
-  def get_state(self) -> dict:
-    return self._it.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._it.set_state(state)
-
-  def close(self) -> None:
-    """Stops the worker processes; idempotent. The iterator yields nothing after it."""
-    it, self._it = self._it, None
-    if it is not None:  # Also keeps a late __del__ off module globals torn down at exit.
-      _open_iterators.discard(self)
-      it.close()
-
-  def __enter__(self) -> WorkerIterator:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    self.close()
-
-
-# Open WorkerIterators; closed at interpreter exit (`_close_open`).
-_open_iterators: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open() -> None:
-  for it in list(_open_iterators):
-    it.close()
-
-
-def _worker_count(data_cfg: Any, num_workers: int | None) -> int:
-  return max(0, int(data_cfg.num_workers if num_workers is None else num_workers))
-
-
-def _iterate(ds: grain.IterDataset, data_cfg: Any, num_workers: int | None):
-  """iter(ds) in process, or a `WorkerIterator` over `mp_prefetch` worker processes."""
-  workers = _worker_count(data_cfg, num_workers)
-  if workers <= 0:
-    return iter(ds)
-  ensure_grain_flags()
-  options = grain.MultiprocessingOptions(
-    num_workers=workers, per_worker_buffer_size=int(data_cfg.worker_buffer_size)
-  )
-  return WorkerIterator(iter(ds.mp_prefetch(options, worker_init_fn=init_worker)))
-
-
-# Threads that run the per-record map (`to_iter_dataset`'s ReadOptions) in each process.
-# Grain's default, 16 threads and 500 records read ahead, is tuned for remote storage; for
-# decode + augment, which hold the GIL between OpenCV / libjpeg calls, 16 threads cost more
-# in contention than they overlap (BENCHMARKS.md, input profile). A worker process runs its
-# records synchronously, one core each; in process, READ_THREADS threads (the heavy calls
-# release the GIL) use up to that many cores and overlap the input with the caller's work.
-READ_THREADS = min(4, os.cpu_count() or 1)
-READ_AHEAD = 64
-
-
-def _read_options(data_cfg: Any, num_workers: int | None) -> grain.ReadOptions:
-  if _worker_count(data_cfg, num_workers):
-    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  return grain.ReadOptions(
-    num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD if READ_THREADS else 0
-  )
 
 
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -380,8 +254,9 @@ def make_train_iterator(
   processes together yield exactly the batches of one process with the same global batch.
 
   Returns:
-    a Grain DatasetIterator, or with workers a `WorkerIterator` owning one (both with
-    `get_state()` / `set_state()` / `close()`; usable from any Python program), of dicts
+    a Grain DatasetIterator, or with workers a `grain_workers.WorkerIterator` owning one
+    (both with `get_state()` / `set_state()` / `close()`; usable from any Python program),
+    of dicts
       'image': uint8 [b, c, c, 3] ('host') or uint8 [b, S, S, 3] ('device'),
       'label': int32 [b],
       'augment' ('device' only): {AugmentParams field: [b] or color_shift [b, 3]},
@@ -407,15 +282,15 @@ def make_train_iterator(
   example = _TrainExample(scale, space, augment_on)
   ds = ds.random_map(example, seed=_op_seed(seed, 1))
   ds = _ProcessRows(ds, global_batch_size, process_index, process_count)
-  options = _read_options(data_cfg, num_workers)
-  if _worker_count(data_cfg, num_workers):
+  options = grain_workers.read_options(data_cfg, num_workers)
+  if grain_workers.worker_count(data_cfg, num_workers):
     # Workers take every W-th element of what they are given: whole batches, so batch k
     # holds the same rows as without workers (batching inside each worker would fill batch
     # k with every W-th row instead).
     ds = ds.batch(b, drop_remainder=True)[start_batch:].to_iter_dataset(options)
   else:
     ds = ds[start_batch * b :].to_iter_dataset(options).batch(b, drop_remainder=True)
-  return _iterate(ds, data_cfg, num_workers)
+  return grain_workers.iterate(ds, data_cfg, num_workers)
 
 
 class _EvalExample:
@@ -500,7 +375,7 @@ def make_eval_iterator(
   total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
   ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset(
-    _read_options(data_cfg, num_workers)
+    grain_workers.read_options(data_cfg, num_workers)
   )
   ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)
-  return _iterate(ds, data_cfg, num_workers)
+  return grain_workers.iterate(ds, data_cfg, num_workers)
