@@ -1,4 +1,4 @@
-"""Host augmentations (deep_image/data/augment.py) against OpenCV on real photos.
+"""Host augmentations (deep_image/data/augment_host.py, drawn by augment.py) against OpenCV.
 
 Geometric transforms are checked against independent OpenCV constructions (cv2.flip,
 cv2.warpAffine with cv2.getRotationMatrix2D, cv2.initUndistortRectifyMap) using the same
