@@ -10,7 +10,7 @@ come from `deep_image.data.data_config.default_config()` (the source's, the pipe
 the augmentations'), the one place they are defined; this file sets the digits job's
 values. `get_config(arg)`: `arg` is a comma-separated list of variants applied in order
 (`--config=FILE:tiny`); `tiny` shrinks the job to seconds on a CPU (vgg_tiny, 16 px
-crops, batch 32, 12 steps). An unknown variant raises ValueError naming the known ones.
+crops, batch 32, 12 steps). An unknown variant raises ConfigError naming the known ones.
 
 Fields (tests/test_configs.py checks that this table lists every field, and its defaults):
 
@@ -111,6 +111,7 @@ from typing import Callable, Mapping
 
 import ml_collections
 
+from deep_image.config_error import ConfigError
 from deep_image.data import data_config
 
 Variant = Callable[[ml_collections.ConfigDict], None]
@@ -211,13 +212,13 @@ def apply_variants(
   `--config=FILE:arg`) in order, each a function that edits `c` in place; returns `c`.
 
   Raises:
-    ValueError: a name that `variants` does not define (naming it and the known ones).
+    ConfigError: a name that `variants` does not define (naming it and the known ones).
   """
   for name in (n.strip() for n in (arg or "").split(",")):
     if not name:
       continue
     if name not in variants:
-      raise ValueError(f"unknown config variant {name!r}: this file defines {sorted(variants)}")
+      raise ConfigError(f"unknown config variant {name!r}: this file defines {sorted(variants)}")
     variants[name](c)
   return c
 
