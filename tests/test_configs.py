@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from deep_image.config_error import ConfigError
 from deep_image.data import pipeline
 from experiments.configs import base, default, highres, image_folder, scaling, table2
 
@@ -102,9 +103,9 @@ def test_default_sets_the_issue_values_and_table2_reads_val():
 
 
 def test_unknown_variant_names_it_and_the_known_ones():
-  with pytest.raises(ValueError, match=r"'huge'.*\['tiny'\]"):
+  with pytest.raises(ConfigError, match=r"'huge'.*\['tiny'\]"):
     default.get_config("tiny,huge")
-  with pytest.raises(ValueError, match="'huge'"):
+  with pytest.raises(ConfigError, match="'huge'"):
     table2.get_config("huge")
 
 
@@ -169,3 +170,4 @@ def test_library_code_reads_config_fields_directly():
     if _CONFIG_GET.search(line)
   ]
   assert offenders == []
+
