@@ -30,3 +30,8 @@ def machine_markdown(command: str) -> str:
       f"{jax.device_count()} devices of kind `{dev.device_kind}`",
     ]
   )
+
+
+def mib(nbytes: float, digits: int = 1) -> str:
+  """Bytes as MiB with thousands separators: mib(3 * 2**20) -> '3.0'."""
+  return f"{nbytes / 2**20:,.{digits}f}"

@@ -1,10 +1,12 @@
-"""experiments.benchmark_gpu: the overlap measure on hand-made kernel timelines, and one
-row measured for real on CPU devices."""
+"""experiments.benchmark_gpu's library: the overlap measure (deep_image.analysis.trace) on
+hand-made kernel timelines, and one row measured for real on CPU devices
+(experiments.gpu_step)."""
 
 import jax
 import pytest
 
-from experiments.benchmark_gpu import CONFIGS, measure, overlap_fraction
+from deep_image.analysis.trace import overlap_fraction
+from experiments.gpu_step import CONFIGS, measure
 
 
 def test_overlap_is_the_collective_time_shared_with_compute():

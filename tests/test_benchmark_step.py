@@ -1,4 +1,5 @@
-"""Smoke test of experiments/benchmark_step.py's measurement functions (not a timing test).
+"""Smoke test of experiments/benchmark_step.py's measurements (experiments.step_tables,
+step_programs; not a timing test).
 
 vgg_tiny at 8x8 on the 8 simulated devices of conftest.py: two configurations,
 two round-robin rounds, a small reference conv, and the compile-only memory table.
@@ -6,7 +7,7 @@ two round-robin rounds, a small reference conv, and the compile-only memory tabl
 
 import jax
 
-from experiments import benchmark_step as bench
+from experiments import step_programs, step_tables
 from experiments.configs import base
 
 CONFIGS = (("gspmd", "gspmd", "xla", "data"), ("data / butterfly", "data", "butterfly", "data"))
@@ -15,7 +16,7 @@ MEMORY_CONFIGS = (("gspmd", "gspmd", "xla", "data"), ("lazy", "lazy", "butterfly
 
 def test_step_tables_have_every_row_and_positive_times():
   devices = jax.devices()
-  result = bench.measure_steps(
+  result = step_tables.measure_steps(
     "vgg_tiny",
     8,
     16,
@@ -30,11 +31,11 @@ def test_step_tables_have_every_row_and_positive_times():
     assert len(times) == 2 and all(t > 0 for t in times), name
     assert result["flops"][name] > 0, name
 
-  rows = bench.ratio_rows(result)
+  rows = step_tables.ratio_rows(result)
   assert [r["config"] for r in rows] == result["configs"]
   assert rows[0]["ratio"] == 1.0 and all(r["paired"] > 0 for r in rows)
 
-  md = bench.step_markdown(result, "vgg_tiny", 8, 16, len(devices))
+  md = step_tables.step_markdown(result, "vgg_tiny", 8, 16, len(devices))
   for label, *_ in CONFIGS:
     assert f"| {label} |" in md
   assert "### 2. SPMD overhead" in md and "### 3. Achieved FLOP/s" in md
@@ -42,7 +43,7 @@ def test_step_tables_have_every_row_and_positive_times():
 
 def test_memory_rows_are_positive_for_a_tiny_model():
   devices = jax.devices()
-  rows = bench.memory_rows("vgg_tiny", 8, 10, 16, MEMORY_CONFIGS, devices)
+  rows = step_tables.memory_rows("vgg_tiny", 8, 10, 16, MEMORY_CONFIGS, devices)
   assert [r["config"] for r in rows] == ["gspmd", "lazy"]
   for r in rows:
     for key in ("argument", "output", "state_per_device", "state_total"):
@@ -51,12 +52,12 @@ def test_memory_rows_are_positive_for_a_tiny_model():
   # Every layer of vgg_tiny splits evenly or pads a little: lazy keeps about 1/N of the state.
   lazy = rows[1]
   assert lazy["state_per_device"] < lazy["state_total"]
-  md = bench.memory_markdown(rows, "vgg_tiny", 16, len(devices))
+  md = step_tables.memory_markdown(rows, "vgg_tiny", 16, len(devices))
   assert "| lazy |" in md and "Check: `lazy`" in md
 
 
 def test_make_config_is_the_base_config_with_the_program_fields():
-  c = bench.make_config("vgg_tiny", 64, 16, "lazy", "ring", classes=7)
+  c = step_programs.make_config("vgg_tiny", 64, 16, "lazy", "ring", classes=7)
   reference = base.get_config()
   assert set(c.to_dict()) == set(reference.to_dict())
   assert c.data.keys() == reference.data.keys() and c.train.keys() == reference.train.keys()

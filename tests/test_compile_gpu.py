@@ -1,4 +1,5 @@
-"""The HLO parsing of experiments/compile_gpu.py on a hand-written scheduled module (no CUDA)."""
+"""The async-window analysis (deep_image.analysis.overlap) on a hand-written scheduled module
+(no CUDA), and what experiments.compile_gpu compiles (experiments.gpu_overlap, gpu_target)."""
 
 # ruff: noqa: E501  (HLO instruction lines are long, as XLA prints them)
 
@@ -6,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from experiments import compile_gpu
+from deep_image.analysis import hlo, overlap
+from experiments import gpu_overlap, gpu_target
 
 # A scheduled module in the shape `compiled.as_text()` prints for a GPU: start/done pairs,
 # an async-start wrapping a reduce-scatter, a copy-start (not a collective), a cuDNN conv.
@@ -52,7 +54,7 @@ ENTRY %main (param.0: f32[8], param.1: bf16[4,4]) -> f32[64] {
 
 
 def test_async_collectives_pairs_and_windows():
-  found = compile_gpu.async_collectives(HLO)
+  found = overlap.async_collectives(HLO)
   # Schedule order of the starts; copy-start is no collective.
   assert [c.kind for c in found] == [
     "all-gather",
@@ -77,7 +79,7 @@ def test_async_collectives_pairs_and_windows():
 
 
 def test_overlap_summary_fractions_by_count_and_bytes():
-  summary = compile_gpu.overlap_summary(compile_gpu.async_collectives(HLO))
+  summary = overlap.overlap_summary(overlap.async_collectives(HLO))
   assert summary.per_kind == {
     "all-gather": (1, 1),
     "reduce-scatter": (1, 0),
@@ -92,11 +94,11 @@ def test_overlap_summary_fractions_by_count_and_bytes():
 
 
 def test_shape_bytes():
-  assert compile_gpu.shape_bytes("bf16[2,3]{1,0}") == 12
-  assert compile_gpu.shape_bytes("(f32[8]{0}, (pred[], s8[4]))") == 32 + 1 + 4
-  assert compile_gpu.shape_bytes("f32[]") == 4
+  assert hlo.shape_bytes("bf16[2,3]{1,0}") == 12
+  assert hlo.shape_bytes("(f32[8]{0}, (pred[], s8[4]))") == 32 + 1 + 4
+  assert hlo.shape_bytes("f32[]") == 4
   with pytest.raises(ValueError, match="unknown HLO element type"):
-    compile_gpu.shape_bytes("q7[2]")
+    hlo.shape_bytes("q7[2]")
 
 
 def test_unmatched_start_is_an_error():
@@ -105,14 +107,14 @@ def test_unmatched_start_is_an_error():
     "  %all-gather-done = f32[64]{0} bitcast(%loop_add_fusion)\n",
   )
   with pytest.raises(ValueError, match="no matching done"):
-    compile_gpu.async_collectives(broken)
+    overlap.async_collectives(broken)
 
 
 def test_configurations_cross_product():
-  configs = compile_gpu.configurations(
+  configs = gpu_overlap.configurations(
     ["gspmd", "data", "hybrid"], ["butterfly", "xla"], ["none", "deferred"], "lazy"
   )
-  assert configs[0] == compile_gpu.Configuration("gspmd", "gspmd", "xla", "none")
+  assert configs[0] == gpu_overlap.Configuration("gspmd", "gspmd", "xla", "none")
   assert len(configs) == 1 + 2 * 2 * 2
   assert configs[-1].label == "hybrid(conv=lazy) / xla / deferred"
 
@@ -124,8 +126,11 @@ def test_missing_cuda_says_how_to_set_up(monkeypatch):
     "find_spec",
     lambda name, *a: None if name.startswith("jax_plugins") else real(name, *a),
   )
-  with pytest.raises(SystemExit) as exc:
-    compile_gpu.main([])
-  message = str(exc.value.code)
+  missing = gpu_target.cuda_missing()
+  assert "jax[cuda12]" in missing
+  # What compile_gpu exits with.
+  message = (
+    f"compile_gpu: {missing}; set it up with: {gpu_target.setup_hint('experiments.compile_gpu')}"
+  )
   assert "jax[cuda12]" in message and "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1" in message
   assert "\n" not in message

@@ -1,12 +1,15 @@
-"""experiments.scaling: the HLO bytes parser, one real measured row, flat data-parallel
-bytes, the claim checks and the report writers."""
+"""The scaling study's library: the HLO bytes parser (deep_image.analysis), one real measured
+row (experiments.scaling_measure), flat data-parallel bytes, the claim checks
+(experiments.scaling_checks) and the report writers (experiments.scaling_report)."""
 
 import json
 
 import jax
 import pytest
 
-from experiments import scaling
+from deep_image.analysis import bytes_sent, hlo
+from deep_image.parallel.layout_policy import STRATEGIES
+from experiments import scaling_checks, scaling_measure, scaling_report, step_programs
 
 # CPU-style compiled HLO: synchronous collectives, operands printed by name only.
 CPU_HLO = """\
@@ -72,37 +75,39 @@ GPU_SENT = {
 }
 
 
-@pytest.mark.parametrize("text, want", [(CPU_HLO, CPU_SENT), (GPU_HLO, GPU_SENT)])
-def test_bytes_sent_per_op(text, want):
-  ops = scaling.collective_ops(text)
+# count: every collective op once, the one-device group of CPU_HLO's %one included.
+@pytest.mark.parametrize("text, want, count", [(CPU_HLO, CPU_SENT, 7), (GPU_HLO, GPU_SENT, 5)])
+def test_bytes_sent_per_op(text, want, count):
+  ops = bytes_sent.collective_ops(text)
   assert {op.name: op.sent for op in ops} == pytest.approx(want)
-  summary = scaling.bytes_summary(ops)
+  summary = bytes_sent.bytes_summary(ops)
   assert summary["ops"] == len(want)
+  assert hlo.count_collectives(text) == count
   assert summary["bytes_sent"] == pytest.approx(sum(want.values()))
 
 
 def test_replica_groups_forms():
-  assert scaling.replica_group_size("x, replica_groups={{0,1,2},{3,4,5}}, y", 6) == 3
-  assert scaling.replica_group_size("x, replica_groups=[4,2]<=[8], y", 8) == 2
-  assert scaling.replica_group_size("replica_groups=mesh['a'=2,'b'=4] {'a','b'}", 8) == 8
-  assert scaling.replica_group_size("replica_groups={}", 16) == 16
-  assert scaling.module_devices(CPU_HLO) == 4
-  ops = {op.name: op for op in scaling.collective_ops(CPU_HLO)}
+  assert hlo.replica_group_size("x, replica_groups={{0,1,2},{3,4,5}}, y", 6) == 3
+  assert hlo.replica_group_size("x, replica_groups=[4,2]<=[8], y", 8) == 2
+  assert hlo.replica_group_size("replica_groups=mesh['a'=2,'b'=4] {'a','b'}", 8) == 8
+  assert hlo.replica_group_size("replica_groups={}", 16) == 16
+  assert hlo.module_devices(CPU_HLO) == 4
+  ops = {op.name: op for op in bytes_sent.collective_ops(CPU_HLO)}
   assert ops["ag"].conv and not ops["ar"].conv  # op_name under VGG.features
 
 
 def test_unknown_operand_is_an_error():
   bad = CPU_HLO.replace("all-to-all(%p0)", "all-to-all(%nowhere)")
   with pytest.raises(ValueError, match="nowhere"):
-    scaling.collective_ops(bad)
+    bytes_sent.collective_ops(bad)
 
 
 def test_one_measured_row_end_to_end():
   devices = jax.devices()[:2]
   programs = [
-    scaling.Program("vgg_tiny", "data", "butterfly", n, 16, 4 * n, classes=10) for n in (1, 2)
+    step_programs.Program("vgg_tiny", "data", "butterfly", n, 16, 4 * n, classes=10) for n in (1, 2)
   ]
-  one, two = scaling.measure(programs, devices, repeats=2, budget_gb=1.0)
+  one, two = scaling_measure.measure(programs, devices, repeats=2, budget_gb=1.0)
   for r in (one, two):
     assert r["memory_bytes"] > 0 and r["images_per_s"] > 0 and r["step_ms"] > 0
     assert r["per_device_batch"] == 4 and r["rounds"] == 2
@@ -113,26 +118,26 @@ def test_one_measured_row_end_to_end():
 
 def test_data_parallel_bytes_flat_in_devices():
   """Data parallelism sends ~2 (N-1)/N x its gradient bytes per device (compiled only)."""
-  grad, _ = scaling.param_bytes("vgg_tiny", 16, 10)
+  grad, _ = step_programs.param_bytes("vgg_tiny", 16, 10)
   rows = []
   for n in (2, 4):
-    p = scaling.Program("vgg_tiny", "data", "butterfly", n, 16, 4 * n, classes=10)
-    rows.append(scaling.compile_program(p, jax.devices()[:n])[2][0])
+    p = step_programs.Program("vgg_tiny", "data", "butterfly", n, 16, 4 * n, classes=10)
+    rows.append(scaling_measure.compile_program(p, jax.devices()[:n])[2][0])
   for r in rows:
     ring = 2 * grad * (r["devices"] - 1) / r["devices"]
     assert ring <= r["bytes_sent"] <= 1.25 * ring, (r["devices"], r["bytes_sent"], ring)
-  (line,) = scaling.flat_check(rows, {"vgg_tiny": grad}, "test")
+  (line,) = scaling_checks.flat_check(rows, {"vgg_tiny": grad}, "test")
   assert line.startswith("- PASS"), line
-  checks = scaling.claim_checks(rows, "cpu", "test")
+  checks = scaling_checks.claim_checks(rows, "cpu", "test")
   assert checks["cpu:flat"] == [line]
-  fc = scaling.param_bytes("vgg_tiny", 16, 10)[1]
+  fc = step_programs.param_bytes("vgg_tiny", 16, 10)[1]
   assert fc == 4 * (128 * 24 + 24 + 24 * 24 + 24 + 24 * 10 + 10)  # fc1 (4x4x8 in), fc2, fc3
 
 
 def _fake_rows():
   rows = []
   for n in (1, 2, 4, 8):
-    for s in scaling.STRATEGIES:
+    for s in STRATEGIES:
       fc = 1e4 * 4 * n * (n - 1) / n if s == "hybrid" else 0.0
       sent = 2e6 * (n - 1) / n if s == "data" else fc + 5e5 * (n > 1)
       rows.append(dict(
@@ -154,28 +159,28 @@ def _fake_rows():
 
 def test_claim_checks_pass_and_fail():
   rows = [r for r in _fake_rows() if r["part"] == "cpu"]
-  (flat,) = scaling.flat_check(rows, {"m": 1e6}, "t")
+  (flat,) = scaling_checks.flat_check(rows, {"m": 1e6}, "t")
   assert flat.startswith("- PASS")
   grown = [dict(r, bytes_sent=r["bytes_sent"] * r["devices"]) for r in rows]  # grows like N
-  assert scaling.flat_check(grown, {"m": 1e7}, "t")[0].startswith("- FAIL")
-  (act,) = scaling.activation_check(rows, {"m": 1e8}, "t")
+  assert scaling_checks.flat_check(grown, {"m": 1e7}, "t")[0].startswith("- FAIL")
+  (act,) = scaling_checks.activation_check(rows, {"m": 1e8}, "t")
   assert act.startswith("- PASS"), act
   weights = [dict(r, activation_bytes=1e5) for r in rows]  # flat in N: weights, not activations
-  assert scaling.activation_check(weights, {"m": 1e8}, "t")[0].startswith("- FAIL")
+  assert scaling_checks.activation_check(weights, {"m": 1e8}, "t")[0].startswith("- FAIL")
   square = [dict(r, activation_bytes=1e3 * r["devices"] ** 2) for r in rows]  # not ~ (N-1)
-  assert scaling.activation_check(square, {"m": 1e8}, "t")[0].startswith("- FAIL")
-  (cross,) = scaling.crossover_lines(rows, "t")
+  assert scaling_checks.activation_check(square, {"m": 1e8}, "t")[0].startswith("- FAIL")
+  (cross,) = scaling_checks.crossover_lines(rows, "t")
   assert "N=2: 0.54" in cross and "less than data at every N" in cross
   assert "+0.0 MiB of activations per added device) it would at N ~ 32" in cross, cross
   grown = [
     dict(r, bytes_sent=r["bytes_sent"] * r["devices"] ** 2 / 8) if r["strategy"] == "hybrid" else r
     for r in rows
   ]
-  assert "more than data from N=8" in scaling.crossover_lines(grown, "t")[0]
+  assert "more than data from N=8" in scaling_checks.crossover_lines(grown, "t")[0]
 
 
 def test_report_writers(tmp_path):
-  data = scaling.merge(
+  data = scaling_report.merge(
     {"meta": {}, "rows": [], "checks": {}, "skipped": []},
     ["cpu", "speedup", "process", "gpu"],
     _fake_rows(),
@@ -187,7 +192,7 @@ def test_report_writers(tmp_path):
     for n in (8, 16)
   ]
   out = tmp_path / "scaling_x.md"
-  scaling.save(data, str(out))
+  scaling_report.save(data, str(out))
   text = out.read_text()
   assert "| m | hybrid | butterfly | 8 | 4 | 32 |" in text  # measured table row
   assert "| 2 x 4 | 64 | 100 |" in text and "2.00x" in text  # processes vs 1 x 8
@@ -199,17 +204,17 @@ def test_report_writers(tmp_path):
   saved = json.loads((tmp_path / "scaling_x.json").read_text())
   assert len(saved["rows"]) == len(data["rows"])
   # A later part replaces only its own rows, checks and notes.
-  again = scaling.merge(saved, ["gpu"], [], {}, [])
+  again = scaling_report.merge(saved, ["gpu"], [], {}, [])
   assert {r["part"] for r in again["rows"]} == {"cpu", "speedup", "process"}
   assert again["checks"] == {"cpu:flat": ["- PASS flat"]} and again["skipped"] == []
-  assert scaling.merge(again, ["cpu"], [], {}, [])["checks"] == {}
+  assert scaling_report.merge(again, ["cpu"], [], {}, [])["checks"] == {}
 
 
 def test_model_figure_from_the_cost_model(tmp_path):
-  from deep_image.parallel import cost_model
+  from deep_image.parallel import scaling_model
 
-  rows = cost_model.predict_rows("minwa", max_devices=8)
+  rows = scaling_model.predict_rows("minwa", max_devices=8)
   path = tmp_path / "model.png"
-  scaling.write_model_figure(rows, "minwa", str(path))
+  scaling_report.write_model_figure(rows, "minwa", str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert {r["figure"] for r in rows} == {"left", "right"}
