@@ -31,9 +31,12 @@ import time
 
 from absl import app, flags
 
+from experiments.configs import base
+from experiments.step_programs import PAPER_CLASSES, make_config, make_strategy
+
 _MODEL = flags.DEFINE_string("model", "deep_image_16", "Model (deep_image.models.vgg.MODELS).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input side of --model.")
-_CLASSES = flags.DEFINE_integer("classes", 1000, "Classes of --model.")
+_CLASSES = flags.DEFINE_integer("classes", PAPER_CLASSES, "Classes of --model.")
 _STRATEGY = flags.DEFINE_string("strategy", "lazy", "Strategy that saves.")
 _RESTORE_AS = flags.DEFINE_string("restore_as", "gspmd", "Strategy of the cross-layout restore.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (ignored if XLA_FLAGS sets it).")
@@ -43,22 +46,19 @@ _OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this 
 
 
 def _strategy(name: str):
+  """(config, strategy) of `--model` laid out by strategy `name` on every device."""
   import jax
 
-  from deep_image.models.vgg import make_model
-  from deep_image.parallel import mesh as mesh_lib
-  from deep_image.parallel import strategies
-  from deep_image.train.optimizer import make_optimizer
-  from experiments.configs import base
-
-  c = base.get_config()
-  c.model.name, c.model.num_classes = _MODEL.value, _CLASSES.value
-  c.model.image_size = c.data.augment.crop_size = _IMAGE_SIZE.value
-  c.data.train_scale = c.data.eval_scale = _IMAGE_SIZE.value
-  c.parallel.strategy = name
-  c.train.batch_size = 8 * jax.device_count()
-  mesh = mesh_lib.make_mesh(c.parallel)
-  return c, strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), mesh)
+  collective = base.get_config().parallel.collective
+  c = make_config(
+    _MODEL.value,
+    _IMAGE_SIZE.value,
+    8 * jax.device_count(),
+    name,
+    collective,
+    classes=_CLASSES.value,
+  )
+  return c, make_strategy(c, jax.devices())
 
 
 class _NoInput:
