@@ -25,27 +25,34 @@ scikit-image's bundled photos (crops, resizes, flips), written to a temp dir:
             training the Table 2 model (its FLOPs, `deep_image.models.summary`).
 
 Each number is the median over `--repeats` runs. albumentations is a dev-only requirement
-of this script (requirements-dev.txt).
+of this script (requirements-dev.txt). The decoders, the alternative and the pool workers
+are `experiments.input_baselines`; the JPEGs and the timers `experiments.input_timing`.
 """
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import cv2
 import numpy as np
-import simplejpeg
 from absl import app, flags
-from PIL import Image
 
 from deep_image.data import augment, augment_host, data_config, grain_workers, pipeline
 from deep_image.data.sources import decode_image
+from experiments import input_baselines
+from experiments.input_timing import (
+  JpegSource,
+  cpu_seconds,
+  make_jpegs,
+  median_rate,
+  per_item_us,
+  table2_train_flops,
+)
+from experiments.markdown import cpu_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 64, "Distinct JPEGs to generate.")
@@ -60,159 +67,7 @@ flags.DEFINE_float("h100_tflops", 989.0, "H100 SXM bf16 dense peak, TFLOP/s.")
 flags.DEFINE_float("h100_utilization", 0.4, "Assumed model FLOP utilization of the H100.")
 flags.DEFINE_integer("host_cores", 16, "Cores of the projected host.")
 
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def make_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
-  """Writes `count` distinct 512x512 JPEGs (random crops / scales / flips of the photos)."""
-  from skimage import data
-
-  rng = np.random.default_rng(seed)
-  photos = [getattr(data, name)()[..., :3] for name in _PHOTOS]
-  paths = []
-  for i in range(count):
-    photo = photos[i % len(photos)]
-    h, w = photo.shape[:2]
-    side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    image = cv2.resize(photo[y : y + side, x : x + side], (512, 512), interpolation=cv2.INTER_AREA)
-    if rng.random() < 0.5:
-      image = image[:, ::-1]
-    path = os.path.join(directory, f"{i:03d}.jpg")
-    Image.fromarray(np.ascontiguousarray(image)).save(path, quality=90)
-    paths.append(path)
-  return paths
-
-
-class JpegSource:
-  """Random-access source of the JPEG bytes: {'image': bytes, 'label': int}."""
-
-  def __init__(self, paths: list[str]):
-    self.paths = list(paths)
-    self.blobs = [open(p, "rb").read() for p in self.paths]
-
-  def __len__(self):
-    return len(self.blobs)
-
-  def __getitem__(self, i):
-    return {"image": self.blobs[i], "label": i % 10}
-
-  def __repr__(self):
-    return f"JpegSource({len(self.paths)} files)"
-
-
 # --- JPEG decoders, each to RGB uint8; `reduced` asks for a shorter side >= S.
-
-
-def _pillow(blob: bytes, reduced: int | None) -> np.ndarray:
-  with Image.open(io.BytesIO(blob)) as img:
-    if reduced:
-      w, h = img.size
-      img.draft("RGB", (-(-w * reduced // min(w, h)), -(-h * reduced // min(w, h))))
-    return np.asarray(img.convert("RGB"))
-
-
-def _opencv(blob: bytes, reduced: int | None) -> np.ndarray:
-  flag = cv2.IMREAD_REDUCED_COLOR_2 if reduced else cv2.IMREAD_COLOR
-  return cv2.cvtColor(cv2.imdecode(np.frombuffer(blob, np.uint8), flag), cv2.COLOR_BGR2RGB)
-
-
-def _simplejpeg(blob: bytes, reduced: int | None) -> np.ndarray:
-  if not reduced:
-    return simplejpeg.decode_jpeg(blob)
-  return simplejpeg.decode_jpeg(blob, min_height=reduced, min_width=reduced)
-
-
-def _decoders() -> dict:
-  found = {
-    f"Pillow {Image.__version__}": _pillow,
-    f"OpenCV {cv2.__version__} (imdecode + BGR->RGB)": _opencv,
-    f"simplejpeg {simplejpeg.__version__}": _simplejpeg,
-  }
-  try:  # A ctypes wrapper: needs the system's libturbojpeg, which pip cannot install.
-    from turbojpeg import TurboJPEG
-
-    tj = TurboJPEG()
-    found["PyTurboJPEG"] = lambda blob, reduced: tj.decode(
-      blob, pixel_format=0, scaling_factor=(1, 2) if reduced else None
-    )
-  except (ImportError, RuntimeError, OSError):
-    pass
-  return found
-
-
-# --- per-process work for the pool rows; module-level so spawned workers can import it.
-_BLOBS: list[bytes] = []
-_ALBU = None
-
-
-def _worker_setup(paths: list[str], scale: int, crop: int) -> None:
-  global _BLOBS, _ALBU
-  grain_workers.init_worker(0, 1)  # Same OpenCV threads and malloc settings as our workers.
-  _BLOBS = [open(p, "rb").read() for p in paths]
-  _ALBU = albumentations_transform(scale, crop)
-
-
-def _decode_ours(i: int) -> int:
-  return decode_image(_BLOBS[i % len(_BLOBS)], min_side=_ALBU[1]).shape[0]
-
-
-def _albumentations_one(i: int) -> int:
-  rng = np.random.default_rng(i)
-  image = _opencv(_BLOBS[i % len(_BLOBS)], reduced=_ALBU[1])
-  return numpy_vignette(_ALBU[0](image=image)["image"], rng).shape[0]
-
-
-def albumentations_transform(scale: int, crop: int):
-  """(albumentations Compose of the paper's augmentations, scale)."""
-  import albumentations as A
-
-  compose = A.Compose(
-    [
-      A.SmallestMaxSize(max_size=scale, interpolation=cv2.INTER_AREA),
-      A.RandomCrop(crop, crop),
-      A.HorizontalFlip(p=0.5),
-      A.Rotate(limit=10, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-      A.OpticalDistortion(distort_limit=0.26, p=0.5),
-      A.RGBShift(r_shift_limit=20, g_shift_limit=20, b_shift_limit=20, p=0.5),
-    ]
-  )
-  return compose, scale
-
-
-def numpy_vignette(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Half of the images darkened towards the corners, as `augment_host.vignette_gain`, in numpy."""
-  if rng.random() >= 0.5:
-    return image
-  h, w = image.shape[:2]
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  r = np.sqrt(((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (2 * ((h - 1) / 2) ** 2))
-  radius, strength = rng.uniform(0, 0.975), rng.uniform(0.02, 0.98)
-  t = np.clip((r - radius) / (1 - radius), 0, 1)
-  gain = 1 - strength * t * t * (3 - 2 * t)
-  return np.clip(image * gain[..., None] + 0.5, 0, 255).astype(np.uint8)
-
-
-def _median_rate(run, count: int, repeats: int) -> float:
-  rates = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    rates.append(count / (time.perf_counter() - start))
-  return statistics.median(rates)
-
-
-def _per_item_us(fn, items: list, repeats: int) -> float:
-  """Median over repeats of the mean microseconds of fn(item) over items."""
-  fn(items[0])
-  return 1e6 / _median_rate(lambda: [fn(x) for x in items], len(items), repeats)
-
-
-def _cpu_seconds(pid: int) -> float:
-  with open(f"/proc/{pid}/stat") as f:
-    fields = f.read().rsplit(")", 1)[1].split()
-  return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime.
 
 
 class PipelineRow:
@@ -249,13 +104,13 @@ class PipelineRow:
       next(it)
     children = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
     batches = max(count // FLAGS.batch_size, 1)
-    w0 = sum(map(_cpu_seconds, children))
+    w0 = sum(map(cpu_seconds, children))
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(batches):
       next(it)
     elapsed, images = time.perf_counter() - t0, batches * FLAGS.batch_size
     self.main_us.append(1e6 * (time.process_time() - c0) / images)
-    self.worker_us.append(1e6 * (sum(map(_cpu_seconds, children)) - w0) / images)
+    self.worker_us.append(1e6 * (sum(map(cpu_seconds, children)) - w0) / images)
     self.rates.append(images / elapsed)
     if self.workers:
       it.close()
@@ -275,27 +130,27 @@ def stage_profile(paths: list[str], repeats: int) -> dict[str, float]:
   pairs = list(zip(resized, params, strict=True))
   crops = [augment_host.apply(x, p) for x, p in pairs]
   stages = {
-    "decode (reduced DCT)": _per_item_us(lambda x: decode_image(x, min_side=s), blobs, repeats),
-    "resize shorter side to S": _per_item_us(
+    "decode (reduced DCT)": per_item_us(lambda x: decode_image(x, min_side=s), blobs, repeats),
+    "resize shorter side to S": per_item_us(
       lambda x: pipeline.resize_shorter_side(x, s), decoded, repeats
     ),
-    "Grain per-record rng (Philox Generator)": _per_item_us(
+    "Grain per-record rng (Philox Generator)": per_item_us(
       lambda i: np.random.Generator(np.random.Philox(key=i)), list(range(len(paths))), repeats
     ),
-    "sample_params": _per_item_us(
+    "sample_params": per_item_us(
       lambda x: augment.sample_params(rng, space, x.shape[:2]), resized, repeats
     ),
-    "resample (crop, flip, rotation, lens)": _per_item_us(
+    "resample (crop, flip, rotation, lens)": per_item_us(
       lambda xp: augment_host.resample(*xp), pairs, repeats
     ),
   }
   stages["photometric (vignette, cast) + RGB"] = (
-    _per_item_us(lambda xp: augment_host.apply(*xp), pairs, repeats)
+    per_item_us(lambda xp: augment_host.apply(*xp), pairs, repeats)
     - stages["resample (crop, flip, rotation, lens)"]
   )
   batch = [crops[i % len(crops)] for i in range(b)]
-  stages["batching (np.stack)"] = _per_item_us(lambda _: np.stack(batch), [0] * 8, repeats) / b
-  stages["device mode: S x S window"] = _per_item_us(
+  stages["batching (np.stack)"] = per_item_us(lambda _: np.stack(batch), [0] * 8, repeats) / b
+  stages["device mode: S x S window"] = per_item_us(
     lambda xp: pipeline.square_window(*xp), pairs, repeats
   )
   del c
@@ -309,7 +164,7 @@ def augment_only_rates(paths: list[str], repeats: int) -> tuple[list[float], lis
   images = [decode_image(open(p, "rb").read(), min_side=FLAGS.scale) for p in paths]
   images = [pipeline.resize_shorter_side(x, FLAGS.scale) for x in images]
   space = augment.SamplingSpace.from_config(_aug_config())
-  compose, _ = albumentations_transform(FLAGS.scale, FLAGS.crop)
+  compose, _ = input_baselines.albumentations_transform(FLAGS.scale, FLAGS.crop)
   count = len(images) * 4
 
   def ours():
@@ -321,10 +176,10 @@ def augment_only_rates(paths: list[str], repeats: int) -> tuple[list[float], lis
   def albu():
     rng = np.random.default_rng(0)
     for i in range(count):
-      numpy_vignette(compose(image=images[i % len(images)])["image"], rng)
+      input_baselines.numpy_vignette(compose(image=images[i % len(images)])["image"], rng)
 
   ours(), albu()  # Warm up.
-  pairs = [(_median_rate(ours, count, 1), _median_rate(albu, count, 1)) for _ in range(repeats)]
+  pairs = [(median_rate(ours, count, 1), median_rate(albu, count, 1)) for _ in range(repeats)]
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -360,24 +215,7 @@ def device_rate(paths: list[str], repeats: int) -> tuple[float, str]:
       out = augment_device.apply_batch_jit(x, params)
     out.block_until_ready()
 
-  return _median_rate(run, steps * b, repeats), str(jax.devices()[0].device_kind)
-
-
-def table2_train_flops() -> float:
-  """FLOPs of one Table 2 training image: 3 x the forward pass (forward + backward)."""
-  from deep_image.models import summary
-  from deep_image.models.vgg import make_model
-  from experiments.configs import table2
-
-  return 3.0 * summary.total_flops(make_model(table2.get_config().model).spec)
-
-
-def _cpu_model() -> str:
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return platform.processor() or "unknown CPU"
+  return median_rate(run, steps * b, repeats), str(jax.devices()[0].device_kind)
 
 
 def main(argv):
@@ -391,21 +229,21 @@ def main(argv):
     cv2.setNumThreads(1)
     decoders = {
       name: (
-        _per_item_us(lambda x, fn=fn: fn(x, None), blobs, reps),
-        _per_item_us(lambda x, fn=fn: fn(x, s), blobs, reps),
+        per_item_us(lambda x, fn=fn: fn(x, None), blobs, reps),
+        per_item_us(lambda x, fn=fn: fn(x, s), blobs, reps),
       )
-      for name, fn in _decoders().items()
+      for name, fn in input_baselines.decoders().items()
     }
     cv2.setNumThreads(0)  # Back to OpenCV's default, what an in-process user gets.
     ctx = multiprocessing.get_context("spawn")
-    pool1 = ctx.Pool(1, initializer=_worker_setup, initargs=(paths, s, c))
-    pool = ctx.Pool(w, initializer=_worker_setup, initargs=(paths, s, c))
+    pool1 = ctx.Pool(1, initializer=input_baselines.worker_setup, initargs=(paths, s, c))
+    pool = ctx.Pool(w, initializer=input_baselines.worker_setup, initargs=(paths, s, c))
     for p in (pool1, pool):  # Warm the workers (imports, first decode).
-      p.map(_albumentations_one, range(2 * w))
+      p.map(input_baselines.albumentations_one, range(2 * w))
     pools = {
-      "decode1": lambda: pool1.map(_decode_ours, range(count), chunksize=8),
-      "decode": lambda: pool.map(_decode_ours, range(count), chunksize=8),
-      "albu": lambda: pool.map(_albumentations_one, range(count), chunksize=8),
+      "decode1": lambda: pool1.map(input_baselines.decode_ours, range(count), chunksize=8),
+      "decode": lambda: pool.map(input_baselines.decode_ours, range(count), chunksize=8),
+      "albu": lambda: pool.map(input_baselines.albumentations_one, range(count), chunksize=8),
     }
     rows = {"serial": PipelineRow(paths, 0, "host", read_threads=0)}
     rows |= {("host", n): PipelineRow(paths, n, "host") for n in counts}
@@ -417,7 +255,7 @@ def main(argv):
     for r in range(reps):
       for name in names[r % len(names) :] + names[: r % len(names)]:
         if name in pools:
-          rates[name].append(_median_rate(pools[name], count, 1))
+          rates[name].append(median_rate(pools[name], count, 1))
         else:
           rates[name].append(rows[name].time(count))
     pool1.terminate(), pool.terminate()
@@ -442,7 +280,7 @@ def main(argv):
   ours_aug, albu_aug = med(ours_aug), med(albu_aug)
 
   print(
-    f"Machine: {os.cpu_count()} cores (`nproc` {len(os.sched_getaffinity(0))}), {_cpu_model()}; "
+    f"Machine: {os.cpu_count()} cores (`nproc` {len(os.sched_getaffinity(0))}), {cpu_model()}; "
     f"{FLAGS.num_images} distinct 512x512 JPEGs (q90), S={s}, c={c}, batch {FLAGS.batch_size}; "
     f"median of {reps} rounds; a round times every throughput row once, in rotating order, "
     "and ratios are medians of same-round ratios.\n"

@@ -35,3 +35,12 @@ def machine_markdown(command: str) -> str:
 def mib(nbytes: float, digits: int = 1) -> str:
   """Bytes as MiB with thousands separators: mib(3 * 2**20) -> '3.0'."""
   return f"{nbytes / 2**20:,.{digits}f}"
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), or platform.processor()."""
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  return platform.processor() or "unknown CPU"
