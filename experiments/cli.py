@@ -6,9 +6,11 @@
   flag parsing (or, without `--config`, at flag definition), becomes
   `config error: --config.train.typo=1: the config has no field 'typo' ...`.
 * `run(main)` is `absl.app.run(main)`, except that `ConfigError` (a config
-  that cannot run, found before the first step) and `FloatingPointError` (a
-  diverged run, naming its last good checkpoint) end the process with their
-  one-line message and exit status 1, no traceback.
+  that cannot run, found before the first step, or a workdir another trainer
+  holds), `FloatingPointError` (a diverged run, naming its last good
+  checkpoint) and `OutOfSpace` (a full disk, naming the path, the free bytes
+  and the last complete checkpoint) end the process with their one-line
+  message and exit status 1, no traceback.
 
 Anything else still shows its traceback: those are bugs.
 """
@@ -22,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deep_image.config_error import ConfigError
+from deep_image.train.workdir import OutOfSpace
 
 BASE_CONFIG = "experiments/configs/base.py"
 DEFAULT_CONFIG = "experiments/configs/default.py"
@@ -100,7 +103,7 @@ def run(main) -> None:
     except ConfigError as e:
       logging.error("config error: %s", e)
       sys.exit(f"config error: {e}")
-    except FloatingPointError as e:
+    except (FloatingPointError, OutOfSpace) as e:
       logging.error("%s", e)
       sys.exit(f"stopped: {e}")
 

@@ -46,8 +46,8 @@ def test_prepared_data_passes_and_opens_both_splits(tmp_path):
   data_dir = _prepared(tmp_path, "train")
   _prepared(tmp_path, "validation")
   c = tiny(**{"data.source": "array_record", "data.data_dir": data_dir, "train.batch_size": 8})
-  train, evaluation = preflight(c, str(tmp_path / "w"), num_devices=8)
-  assert len(train) == 8 and len(evaluation) == 8
+  plan = preflight(c, str(tmp_path / "w"), num_devices=8)
+  assert len(plan.train_source) == 8 and len(plan.eval_source) == 8
 
 
 def test_unwritable_workdir(tmp_path):
@@ -104,3 +104,39 @@ def test_cli_config_errors_are_one_line_without_traceback(tmp_path, flag, messag
   assert run.returncode == 1
   assert message in run.stderr
   assert "Traceback" not in run.stderr
+
+
+def test_what_preflight_builds_is_built_once_per_run(tmp_path, monkeypatch):
+  # The sampling space, the learning-rate schedule and the parallel validation: preflight
+  # builds them and the loop, its input and the strategy use its Plan.
+  from deep_image.data import augment
+  from deep_image.parallel import strategies, validation
+  from deep_image.train import optimizer
+  from deep_image.train import preflight as preflight_module
+
+  calls = {"space": 0, "schedule": 0, "validate": 0}
+
+  def counted(name, fn):
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return fn(*args, **kwargs)
+
+    return wrapper
+
+  from_config = augment.SamplingSpace.from_config.__func__
+  monkeypatch.setattr(
+    augment.SamplingSpace,
+    "from_config",
+    classmethod(counted("space", from_config)),
+  )
+  schedule = counted("schedule", optimizer.learning_rate_schedule)
+  monkeypatch.setattr(optimizer, "learning_rate_schedule", schedule)
+  monkeypatch.setattr(preflight_module, "learning_rate_schedule", schedule)
+  validate = counted("validate", validation.validate_parallel_config)
+  monkeypatch.setattr(validation, "validate_parallel_config", validate)
+  monkeypatch.setattr(strategies, "validate_parallel_config", validate)
+  for data_option in ({"data.cache_on_device": False}, {"data.cache_on_device": True}):
+    calls.update(space=0, schedule=0, validate=0)
+    work = tmp_path / str(data_option["data.cache_on_device"])
+    train_and_evaluate(tiny(**{"train.num_steps": 2, **data_option}), str(work))
+    assert calls == {"space": 1, "schedule": 1, "validate": 1}, data_option

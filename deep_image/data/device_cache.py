@@ -162,6 +162,7 @@ class DeviceCache:
     *,
     global_batch_size: int,
     seed: int,
+    sampling_space: Any = None,  # data_cfg.augment's SamplingSpace, if built already
   ) -> DeviceCache | None:
     """Decodes `source` onto the devices if it fits; None (reason logged) if it does not.
 
@@ -222,7 +223,7 @@ class DeviceCache:
       info["bytes_used_per_device"] / 2**20,
       info["reason"],
     )
-    space = augment.SamplingSpace.from_config(data_cfg.augment)
+    space = sampling_space or augment.SamplingSpace.from_config(data_cfg.augment)
     steps_per_epoch = local_rows // local_batch
     batch_fn = _make_batch_fn(sharding, space, scale, local_batch, steps_per_epoch)
     return cls(images, labels, info, global_batch_size, steps_per_epoch, int(seed), batch_fn)

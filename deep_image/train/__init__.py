@@ -1,4 +1,9 @@
-"""Train state, optimizer, losses, metrics and the training loop."""
+"""The training loop and what it writes: `train_and_evaluate`, its preflight checks,
+optimizer, input, checkpoints, metrics and the workdir (`workdir` lists every file).
+
+The train state and the losses live below, with the strategies that use them:
+`deep_image.parallel.train_state`, `deep_image.models.losses`.
+"""
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -1,18 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training loop every script and test calls.
 
-One run lives in one workdir:
-
-===================  ========================================================
-WORKDIR/             written
-===================  ========================================================
-checkpoints/<step>/  every `train.checkpoint_every` steps, at each evaluation,
-                     at the end and on SIGTERM (`deep_image.train.checkpoint`)
-config.json          the run's config, rewritten at every start (`run_config`)
-metrics.jsonl        one record per logged step and per evaluation; on
-                     resume the records past the restored step are dropped
-tensorboard/         the same numbers as TensorBoard scalars
-result.json          the final evaluation, written last: a finished run
-===================  ========================================================
+One run lives in one workdir; `deep_image.train.workdir` lists every file in it
+and who writes it. Process 0 holds the workdir's lock for the run's life, and
+nothing is written before every check (preflight, the checkpoint's
+compatibility, the free space for a checkpoint) has passed.
 
 Calling it again with the same workdir resumes from the latest complete
 checkpoint (logging `resumed from step N`) and continues exactly as the
@@ -23,6 +14,7 @@ the last checkpoint (result.json is rewritten at the new end).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -43,11 +35,12 @@ from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
 from deep_image.train.checkpoint import Checkpointer
 from deep_image.train.metrics import MetricsWriter, Progress
-from deep_image.train.optimizer import learning_rate_schedule, make_optimizer
-from deep_image.train.preflight import preflight
+from deep_image.train.optimizer import make_optimizer
+from deep_image.train.preflight import check_room_for_checkpoint, preflight
 from deep_image.train.result import RESULT_NAME, read_result, write_result
 from deep_image.train.run_config import write_run_config
 from deep_image.train.train_input import TrainInput
+from deep_image.train.workdir import OutOfSpace, WorkdirLock, raising_out_of_space
 
 
 def _preprocess_for(config):
@@ -126,6 +119,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last good checkpoint (which is kept).
   """
   mesh_lib.maybe_initialize_distributed(config.parallel)
+  # Process 0 writes the workdir's records and holds its lock; the others write only their
+  # checkpoint shards, under process 0's lock.
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   finished = read_result(workdir)
   if finished is not None and finished["step"] == config.train.num_steps:
     logging.info("%s is a finished run (%s): nothing to do", workdir, RESULT_NAME)
@@ -137,17 +138,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       finished["step"],
       config.train.num_steps,
     )
-  train_source, eval_source = preflight(config, workdir, jax.device_count())
-  if jax.process_index() == 0:
-    write_run_config(workdir, config)
+  plan = preflight(config, workdir, jax.device_count())
   mesh = mesh_lib.make_mesh(config.parallel)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
 
   model = make_model(config.model)
   strategy = strategies.make_strategy(
-    config, model, make_optimizer(config.train), mesh, preprocess=_preprocess_for(config)
+    config,
+    model,
+    make_optimizer(config.train, plan.schedule),
+    mesh,
+    preprocess=_preprocess_for(config),
+    plan=plan.parallel,
   )
-  batches = TrainInput(config, strategy.batch_sharding, train_source)
+  check_room_for_checkpoint(workdir, strategy.abstract_state())
+  batches = TrainInput(config, strategy.batch_sharding, plan.train_source, plan.sampling_space)
   logging.info("training input: %s", batches.kind)
   logging.info(
     "strategy %s, collective %s, %d parameters",
@@ -157,21 +162,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
 
   checkpoints = Checkpointer(workdir, config.train.keep_checkpoints)
-  start = checkpoints.latest_step()
-  if start is None:
-    start, state = 0, strategy.init(jax.random.key(config.seed))
-  else:
-    if start > config.train.num_steps:
-      checkpoints.close()
-      raise ConfigError(
-        f"train.num_steps={config.train.num_steps} is below step {start} of the latest "
-        f"checkpoint in {checkpoints.directory}; use another --workdir for a shorter run"
-      )
-    # IncompatibleCheckpoint (a ConfigError) when the model or optimizer fields differ.
-    state = checkpoints.restore(start, strategy, config, batches)
-    logging.info("resumed from step %d (%s)", start, checkpoints.step_dir(start))
-
-  run = _Run(config, workdir, strategy, model, batches, eval_source, checkpoints, start)
+  try:
+    start, state = _restore_latest(checkpoints, strategy, config, batches)
+    # Every check has passed: only now is the run's record written (a refused start leaves
+    # the workdir as it was).
+    if jax.process_index() == 0:
+      write_run_config(workdir, config)
+    run = _Run(config, workdir, plan, strategy, model, batches, checkpoints, start)
+  except BaseException:
+    checkpoints.close()
+    raise
   try:
     with _Preemption() as preemption:
       return run.train(state, preemption)
@@ -179,15 +179,42 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.close()
 
 
+def _restore_latest(checkpoints: Checkpointer, strategy, config, batches):
+  """(step, state): the latest checkpoint laid out for `strategy` (positioning `batches`),
+  or (0, a fresh state) when there is none. Writes nothing in the workdir's records.
+
+  Raises:
+    ConfigError: the checkpoint is past `train.num_steps`, or (IncompatibleCheckpoint) its
+      model or optimizer fields differ from the config's.
+  """
+  start = checkpoints.latest_step()
+  if start is None:
+    return 0, strategy.init(jax.random.key(config.seed))
+  if start > config.train.num_steps:
+    raise ConfigError(
+      f"train.num_steps={config.train.num_steps} is below step {start} of the latest "
+      f"checkpoint in {checkpoints.directory}; use another --workdir for a shorter run"
+    )
+  # IncompatibleCheckpoint (a ConfigError) when the model or optimizer fields differ; a
+  # damaged checkpoint is moved to checkpoints/damaged/ and the next older one restored.
+  restored = checkpoints.restore_latest(strategy, config, batches)
+  if restored is None:  # none readable (logged): a fresh start
+    return 0, strategy.init(jax.random.key(config.seed))
+  start, state = restored
+  logging.info("resumed from step %d (%s)", start, checkpoints.step_dir(start))
+  return start, state
+
+
 class _Run:
   """The loop's moving parts; `train` runs the steps from `start` to the end."""
 
-  def __init__(self, config, workdir, strategy, model, batches, eval_source, checkpoints, start):
+  def __init__(self, config, workdir, plan, strategy, model, batches, checkpoints, start):
     self.config, self.workdir, self.strategy, self.model = config, workdir, strategy, model
-    self.batches, self.eval_source, self.checkpoints = batches, eval_source, checkpoints
+    self.batches, self.eval_source, self.checkpoints = batches, plan.eval_source, checkpoints
     self.start = start
+    self.save_failed = False
     self.writer = MetricsWriter(workdir, resume_step=start)
-    self.schedule = learning_rate_schedule(config.train)
+    self.schedule = plan.schedule
     # XLA:CPU: let a step finish before the next is dispatched. Otherwise the loop can run
     # a step ahead (it does with the device cache, whose batches cost no host time); the
     # next step's executions then take the CPU client's execution slots while they wait
@@ -204,15 +231,20 @@ class _Run:
     self.protocol = Protocol("center", (pipeline.eval_scale(config.data),))
 
   def close(self) -> None:
-    self.checkpoints.close()
     self.writer.close()
+    if self.save_failed:
+      # The failed save was reported; waiting on it again would raise it a second time.
+      with contextlib.suppress(Exception):
+        self.checkpoints.close()
+    else:
+      self.checkpoints.close()
 
   # --- pieces ----------------------------------------------------------------
   def _fail_if_not_finite(self, step: int, metrics: dict) -> None:
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if not bad:
       return
-    self.checkpoints.wait()
+    self._wait_for_saves()
     last = self.checkpoints.latest_step()
     kept = (
       f"the last good checkpoint is step {last} ({self.checkpoints.step_dir(last)}), kept"
@@ -249,9 +281,36 @@ class _Run:
   def _save(self, state, step: int, metrics: dict, evaluation: dict | None = None) -> None:
     # Only a state whose step metrics are finite becomes a checkpoint.
     self._fail_if_not_finite(step, metrics)
-    self.checkpoints.save(
-      state, self.batches, strategy=self.strategy, config=self.config, metrics=evaluation
-    )
+    # A save raises the error of the previous (asynchronous) one, if it failed.
+    with self._out_of_space_keeps_the_last_checkpoint():
+      self.checkpoints.save(
+        state, self.batches, strategy=self.strategy, config=self.config, metrics=evaluation
+      )
+
+  def _wait_for_saves(self) -> None:
+    with self._out_of_space_keeps_the_last_checkpoint():
+      self.checkpoints.wait()
+
+  @contextlib.contextmanager
+  def _out_of_space_keeps_the_last_checkpoint(self):
+    """ENOSPC while saving: `OutOfSpace` naming the path, the free bytes and the last
+    complete checkpoint (Orbax commits a checkpoint by renaming it when complete, so a
+    save cut off by a full disk leaves the ones before it intact)."""
+    try:
+      with raising_out_of_space(self.checkpoints.directory, "a checkpoint"):
+        yield
+    except OutOfSpace as e:
+      committed = sorted(
+        int(name) for name in os.listdir(self.checkpoints.directory) if name.isdigit()
+      )
+      kept = (
+        f"the last complete checkpoint is step {committed[-1]} "
+        f"({self.checkpoints.step_dir(committed[-1])}), kept"
+        if committed
+        else "no checkpoint was completed"
+      )
+      self.save_failed = True
+      raise OutOfSpace(f"{e}; {kept}") from None
 
   # --- the loop --------------------------------------------------------------
   def train(self, state, preemption: _Preemption) -> dict:
@@ -266,12 +325,15 @@ class _Run:
         jax.block_until_ready(state)
       window.step()
       is_last = step == num_steps
+      # One reading of the flag decides both the save and the exit: a SIGTERM arriving later
+      # in this step is acted on after the next one, never claimed for a save not made.
+      preempted = preemption.requested
       log_now = step % train_cfg.log_every == 0 or is_last
       eval_now = is_last or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
       save_now = (
         is_last
         or eval_now
-        or preemption.requested
+        or preempted
         or (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0)
       )
       host = None
@@ -297,11 +359,11 @@ class _Run:
         self._save(state, step, host, evaluation if eval_now else None)
       if eval_now or save_now:
         window.restart()
-      if preemption.requested and not is_last:
-        self.checkpoints.wait()
+      if preempted and not is_last:
+        self._wait_for_saves()  # "saved" only once it is committed
         logging.warning("preempted: checkpoint of step %d saved; exiting", step)
         return {"step": step, "preempted": True}
-    self.checkpoints.wait()
+    self._wait_for_saves()
     if evaluation is None:
       # Resumed from the final checkpoint (killed before result.json): its evaluation is
       # in metrics.jsonl already; recompute the numbers (every process) without a record.

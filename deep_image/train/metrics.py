@@ -24,6 +24,7 @@ back to step s, i.e. as soon as the resumed run logs that tag again.) A fresh ru
 empties metrics.jsonl and deletes the old event files.
 
 Read the file back with `read_metrics(DIR)`; `python -m experiments.plot` plots it.
+The other files of a workdir: `deep_image.train.workdir`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import jax
 import numpy as np
 from absl import logging
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from deep_image.train.workdir import METRICS_FILE, TENSORBOARD_DIR, raising_out_of_space
+
 _EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 
@@ -144,14 +145,16 @@ class MetricsWriter:
     if resume_step and os.path.exists(self.path):
       kept = [line for line, record in _parse_lines(self.path) if record["step"] <= resume_step]
     tmp = f"{self.path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(line + "\n" for line in kept)
-    os.replace(tmp, self.path)
+    with raising_out_of_space(self.path, "the metrics"):
+      with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+      os.replace(tmp, self.path)
 
   def _write(self, step: int, record: dict, prefix: str) -> None:
-    self._file.write(json.dumps({"step": step, **record}, sort_keys=True, default=_json_value))
-    self._file.write("\n")
-    self._file.flush()
+    with raising_out_of_space(self.path, "the metrics"):
+      self._file.write(json.dumps({"step": step, **record}, sort_keys=True, default=_json_value))
+      self._file.write("\n")
+      self._file.flush()
     for key, value in record.items():
       value = _scalar(value)
       if value is not None:

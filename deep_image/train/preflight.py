@@ -24,7 +24,15 @@ exist and are prepared; the       (the sources are opened here and handed
 labels fit the classifier          to the loop), model.num_classes
 at least one batch per process    train.batch_size
 the workdir is writable           --workdir
+room for one checkpoint of the    --workdir
+state (`check_room_for_checkpoint`,
+once the strategy has its shapes)
 ================================  ============================================
+
+`preflight` returns a `Plan`: what it built while checking (the opened
+sources, the sampling space, the learning-rate schedule), which the loop and
+its input use instead of building them again (`make_strategy` takes the
+validated parallel setup and does not validate again).
 
 Where a module owns a check (strategies, optimizer, augmentation) it raises
 ConfigError itself and this module calls it; genuine bugs are never turned
@@ -33,16 +41,21 @@ into ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import tempfile
 
 import jax
+import numpy as np
+import optax
 
 from deep_image.config_error import ConfigError
 from deep_image.data import augment, pipeline
 from deep_image.data.sources import make_source
 from deep_image.models.vgg import MODELS
-from deep_image.parallel import strategies
+from deep_image.parallel import validation
+from deep_image.train import workdir as workdir_layout
 from deep_image.train.optimizer import learning_rate_schedule
 
 
@@ -124,8 +137,27 @@ def _check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
 
 
-def preflight(config, workdir: str, num_devices: int, process_count: int | None = None):
-  """Run every check; returns the opened (train, eval) sources for the loop to use.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What preflight built while checking a config, for the run to use as it is.
+
+  Attributes:
+    train_source, eval_source: the opened sources of the training split and of
+      `data.eval_split` (random access, `len`, `num_classes`).
+    sampling_space: the augmentation's `SamplingSpace` (`data.augment`).
+    schedule: the learning-rate schedule, step -> rate (`train.*`).
+    parallel: the validated parallel setup, for `strategies.make_strategy(plan=...)`.
+  """
+
+  train_source: object
+  eval_source: object
+  sampling_space: augment.SamplingSpace
+  schedule: optax.Schedule
+  parallel: validation.ParallelPlan
+
+
+def preflight(config, workdir: str, num_devices: int, process_count: int | None = None) -> Plan:
+  """Run every check; returns the `Plan` of what was built doing so.
 
   Raises:
     ConfigError: the first failed check, naming the field and value.
@@ -134,9 +166,33 @@ def preflight(config, workdir: str, num_devices: int, process_count: int | None 
   _check_counts(config.train)
   _check_model_and_crop(config)
   # The owners' own checks (they raise ConfigError), run here before anything compiles.
-  strategies.validate_parallel_config(config, num_devices)
-  learning_rate_schedule(config.train)
-  augment.SamplingSpace.from_config(config.data.augment)
+  parallel = validation.validate_parallel_config(config, num_devices)
+  schedule = learning_rate_schedule(config.train)
+  sampling_space = augment.SamplingSpace.from_config(config.data.augment)
   _check_eval_batch(config, num_devices, process_count)
   _check_workdir(workdir)
-  return _check_data(config, process_count)
+  train_source, eval_source = _check_data(config, process_count)
+  return Plan(train_source, eval_source, sampling_space, schedule, parallel)
+
+
+def checkpoint_bytes(abstract_state) -> int:
+  """Bytes of one checkpoint's arrays: the state's leaves (global shapes) at their dtypes."""
+  return sum(
+    math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state)
+  )
+
+
+def check_room_for_checkpoint(workdir: str, abstract_state) -> None:
+  """ConfigError when WORKDIR's file system cannot hold one more checkpoint of the state.
+
+  `abstract_state`: the strategy's `abstract_state()` (shapes and dtypes only). Run once
+  the strategy is built, before anything is written: a new save is complete before the
+  one it replaces is deleted, so a resumed run needs the room too.
+  """
+  need = checkpoint_bytes(abstract_state)
+  free = workdir_layout.free_bytes(workdir)
+  if free < need:
+    raise ConfigError(
+      f"--workdir={workdir!r} has {free} bytes free on its device, fewer than the {need} "
+      "bytes of one checkpoint of this run's train state"
+    )

@@ -27,9 +27,11 @@ class TrainInput:
     all sharded like `batch_sharding` (split over every device along B).
   """
 
-  def __init__(self, config, batch_sharding, source):
+  def __init__(self, config, batch_sharding, source, sampling_space=None):
+    """`source`: the opened training split; `sampling_space`: `data.augment`'s
+    `SamplingSpace` (preflight's `Plan` has both; None: built from the config)."""
     self.batch_sharding = batch_sharding
-    self._config, self._source = config, source
+    self._config, self._source, self._space = config, source, sampling_space
     self._cache = None
     if config.data.cache_on_device:
       self._cache = device_cache.DeviceCache.build(
@@ -38,6 +40,7 @@ class TrainInput:
         batch_sharding,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
+        sampling_space=sampling_space,
       )
     if self._cache is not None:
       self.kind = "device cache"
@@ -58,6 +61,7 @@ class TrainInput:
       process_count=jax.process_count(),
       source=self._source,
       start_batch=start_batch,
+      sampling_space=self._space,
     )
 
   def __iter__(self):
