@@ -1,5 +1,7 @@
 """Checkpointer: cross-layout restore, field checks, what is kept, the input position."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -93,30 +95,45 @@ def momentum(strategy, state):
 
 
 @pytest.mark.parametrize(
-  "saved,restored", [(("lazy", 8), ("gspmd", 4)), (("hybrid", 4), ("lazy", 2))], ids=str
+  "saved,restored,overlap",
+  [
+    (("lazy", 8), ("gspmd", 4), "deferred"),
+    (("hybrid", 4), ("lazy", 2), "deferred"),
+    (("lazy", 8), ("gspmd", 4), "none"),
+  ],
+  ids=str,
 )
-def test_restore_onto_another_strategy_and_device_count(tmp_path, saved, restored):
+def test_restore_onto_another_strategy_and_device_count(tmp_path, saved, restored, overlap):
+  # overlap='none': the checkpoint holds the parameters and momentum themselves, and the
+  # restore only lays them out anew: bit for bit. overlap='deferred': it holds them before
+  # the last update plus that update's gradient, and each side applies the update in its
+  # own layout (another compiled program: another fusion and summation order), so they
+  # agree to float32 rounding (a few ulps; 9.3e-10 was seen), not bit for bit.
+  if overlap == "none":
+    same = np.testing.assert_array_equal
+  else:
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-8)
   data = batches(3)
-  src_cfg = config_for(saved[0])
+  src_cfg = config_for(saved[0], **{"parallel.overlap": overlap})
   src = make(src_cfg, saved[1])
   state, _ = run(src, src.init(jax.random.key(0)), data[:2])
   ckpt = Checkpointer(str(tmp_path), keep=2)
   ckpt.save(state, CountingInput(), strategy=src, config=src_cfg)
   ckpt.close()
 
-  dst_cfg = config_for(restored[0])
+  dst_cfg = config_for(restored[0], **{"parallel.overlap": overlap})
   dst = make(dst_cfg, restored[1])
   back = Checkpointer(str(tmp_path), keep=2).restore(2, dst, dst_cfg, CountingInput())
   assert int(back.step) == 2
   jax.tree.map(
-    np.testing.assert_array_equal,
+    same,
     jax.tree.map(np.asarray, dst.full_params(back)),
     jax.tree.map(np.asarray, src.full_params(state)),
   )
   # The saved pending update (overlap='deferred') is applied to the momentum too.
   want = src.model_state(state)
-  assert want.pending is None and (state.pending is None) == (src_cfg.parallel.overlap == "none")
-  jax.tree.map(np.testing.assert_array_equal, momentum(dst, back), momentum(src, want))
+  assert want.pending is None and (state.pending is None) == (overlap == "none")
+  jax.tree.map(same, momentum(dst, back), momentum(src, want))
   # Restored in the new strategy's own layout, and it trains on from there as the old one.
   for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(dst.abstract_state()), strict=True):
     assert got.shape == want.shape and got.sharding.is_equivalent_to(want.sharding, got.ndim)

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import train_cli
 
+from deep_image.config_error import ConfigError
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
@@ -94,10 +96,21 @@ def test_batch_scaling():
   assert float(plain(10)) == pytest.approx(0.4, rel=1e-6)
 
 
-@pytest.mark.parametrize("field, value", [("warmup_steps", -1), ("lr_batch_reference", -256)])
+@pytest.mark.parametrize(
+  "field, value",
+  [("warmup_steps", -1), ("lr_batch_reference", -256), ("learning_rate", -1), ("learning_rate", 0)],
+)
 def test_bad_schedule_fields_are_named(field, value):
-  with pytest.raises(ValueError, match=f"train.{field}={value}"):
+  with pytest.raises(ConfigError, match=f"train.{field}={value}"):
     optimizer.learning_rate_schedule(_train_cfg(**{field: value}))
+
+
+def test_a_negative_learning_rate_stops_the_run_before_step_1(tmp_path):
+  # It used to train, the loss climbing until it was no longer finite.
+  done = train_cli(tmp_path, "--config.train.learning_rate=-1")
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == "config error: train.learning_rate=-1.0 must be > 0"
+  assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def _tiny_params():

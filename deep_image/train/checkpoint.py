@@ -41,6 +41,21 @@ Restoring (`restore`):
 In both cases the model and optimizer fields of the saved config must equal
 the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
 that differs.
+
+A checkpoint whose files cannot be read back (an array file truncated or
+deleted, its meta or Orbax metadata not JSON, stored shapes that disagree
+with its own meta) is *damaged*: `restore` raises `DamagedCheckpoint` naming
+the step and what is wrong, and `restore_first_readable` / `restore_latest`
+log that in one line and try the next older step, down to None (a fresh
+start). A writable Checkpointer moves a damaged step to
+`checkpoints/damaged/<step>` (never deleted; Orbax lists only step-number
+folders, so neither resume nor retention sees it), which also frees the step
+number for the run to save again. Damage is found by the restore itself (no
+second read of the arrays) plus a comparison of the meta's stored shapes with
+Orbax's array metadata; only the reading errors of TensorStore / JSON / the
+file system count, anything else is a bug and propagates. In a multi-process
+run every process votes after each read (all must have read it), so all agree
+on the step; only process 0 moves folders.
 """
 
 from __future__ import annotations
@@ -49,19 +64,24 @@ import json
 import logging as std_logging
 import math
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
 from deep_image.config_error import ConfigError
 from deep_image.parallel.train_state import PendingUpdate, TrainState
+from deep_image.train.workdir import CHECKPOINTS_DIR, DAMAGED_DIR
 
 # Fields that fix the shapes and the meaning of the saved state: a checkpoint
 # restores only into a config that agrees on all of them.
@@ -77,6 +97,107 @@ RESUME_FIELDS = (
 
 class IncompatibleCheckpoint(ConfigError):
   """A checkpoint that cannot restore into the current config (names the field)."""
+
+
+class DamagedCheckpoint(ConfigError):
+  """A checkpoint whose files cannot be read back (names the step and what is wrong)."""
+
+
+# TensorStore's status codes for files that are missing, cut short or corrupt. Others
+# (INVALID_ARGUMENT: e.g. a requested shape or dtype that does not fit) are our bugs.
+_TENSORSTORE_READ_FAILURES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+  text = text.split(" [tensorstore_spec")[0].splitlines()[0] if text else text
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unreadable_reason(error: BaseException) -> str | None:
+  """What is wrong with the files, when `error` is a failure to read them; None otherwise.
+
+  Orbax wraps TensorStore's error of an array read in a bare Exception whose cause is
+  TensorStore's ValueError ('OUT_OF_RANGE: Error reading ...').
+  """
+  if type(error) is Exception and str(error).startswith("Encountered error while reading"):
+    error = error.__cause__ or error
+  if isinstance(error, json.JSONDecodeError):
+    return f"not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+  if isinstance(error, UnicodeDecodeError):
+    return f"not text ({error.reason})"
+  if isinstance(error, OSError):
+    return _first_line(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+  if isinstance(error, ValueError):
+    text = str(error)
+    if text.startswith(_TENSORSTORE_READ_FAILURES) or (
+      text.startswith("File ") and text.endswith("does not exist.")  # Grain's input item
+    ):
+      return _first_line(text)
+  return None
+
+
+class _Unreadable:
+  """What a handler's restore returns instead of raising a read failure (`_Tolerant`)."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+def _tolerant(handler):
+  """`handler` (an item's Orbax handler), whose restore returns `_Unreadable` instead of
+  raising when its files cannot be read, so that every process still reaches Orbax's
+  barrier after the restore (a process that raised would leave the others waiting there)
+  and all can then vote on the step. Any other error propagates. (The instance's method is
+  replaced: Orbax finds a handler's argument types by its exact class.)"""
+  read = handler.restore
+
+  def restore(*args, **kwargs):
+    try:
+      return read(*args, **kwargs)
+    except Exception as e:  # narrowed: only read failures are kept, the rest re-raised
+      reason = unreadable_reason(e)
+      if reason is None:
+        raise
+      _silence_closed_loop_callbacks()
+      return _Unreadable(reason)
+
+  handler.restore = restore
+  return handler
+
+
+def _silence_closed_loop_callbacks() -> None:
+  """Drop the "Event loop is closed" RuntimeErrors of a failed array restore.
+
+  When one read of a restore fails, Orbax's event loop closes while TensorStore still
+  completes the other reads; each completion's callback then fails on the closed loop,
+  reported as an unraisable exception: thousands of traceback lines, mostly at exit.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _agree(reason: str | None) -> str | None:
+  """The reason of any process (None only when every process read its part).
+
+  A damaged file may be read by one process only (its shards); every process must then
+  treat the step as damaged, or they would restore different steps.
+  """
+  if jax.process_count() == 1:
+    return reason
+  votes = multihost_utils.process_allgather(np.array([reason is not None], np.int32))
+  if reason is None and votes.any():
+    return f"unreadable on process {int(np.argmax(votes))}"
+  return reason
 
 
 def _field(config_dict: dict, dotted: str) -> Any:
@@ -147,6 +268,21 @@ def _stored_shapes(state) -> list[list[int]]:
   return [list(x.shape) for x in jax.tree.leaves(state)]
 
 
+def _saved_tree(meta: dict, strategy) -> TrainState:
+  """The tree a checkpoint was saved as: the strategy's abstract state, with or without a
+  pending update as the meta says (its leaves in the order of meta['stored_shapes'])."""
+  current = strategy.abstract_state()
+  valid = jax.ShapeDtypeStruct((), bool, sharding=strategy.replicated)
+  pending = PendingUpdate(current.params, valid) if meta.get("pending", False) else None
+  return TrainState(current.step, current.params, current.opt_state, pending)
+
+
+def _path_key(path) -> tuple[str, ...]:
+  """A tree path as names, alike for our TrainState and Orbax's metadata tree of it
+  (attribute, dict key and index all become strings)."""
+  return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
 class Checkpointer:
   """The checkpoints of one workdir (process-wide: every process makes one).
 
@@ -158,7 +294,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int, *, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
     logging.get_absl_logger().addFilter(_QUIET_ORBAX)  # filters are a set: added once
     policy = checkpoint_managers.AnyPreservationPolicy(
       [
@@ -180,11 +316,12 @@ class Checkpointer:
       self.directory,
       options=options,
       item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
-        "input": grain.checkpoint.CheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
+        "state": _tolerant(ocp.StandardCheckpointHandler()),
+        "input": _tolerant(grain.checkpoint.CheckpointHandler()),
+        "meta": _tolerant(ocp.JsonCheckpointHandler()),
       },
     )
+    self.read_only = read_only
 
   # --- what is there ---------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -203,7 +340,19 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The step's meta item (DamagedCheckpoint when it cannot be read)."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    reason = None
+    if isinstance(meta, _Unreadable):
+      reason = f"meta: {meta.reason}"
+    elif not (isinstance(meta, dict) and isinstance(meta.get("stored_shapes"), list)):
+      reason = "meta: JSON, but not a checkpoint's meta (no stored_shapes)"
+    reason = _agree(reason)
+    if reason is not None:
+      raise DamagedCheckpoint(
+        f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"
+      )
+    return meta
 
   # --- save ------------------------------------------------------------------
   def save(
@@ -248,15 +397,64 @@ class Checkpointer:
     self.manager.close()
 
   # --- restore ---------------------------------------------------------------
+  def restore_latest(self, strategy, config, input_source=None) -> tuple[int, TrainState] | None:
+    """(step, state) of the newest readable checkpoint (`restore_first_readable`)."""
+    return self.restore_first_readable(
+      sorted(self.manager.all_steps(), reverse=True), strategy, config, input_source
+    )
+
+  def restore_first_readable(
+    self, steps: Sequence[int], strategy, config, input_source=None
+  ) -> tuple[int, TrainState] | None:
+    """(step, state) of the first of `steps` that can be read back (`restore`).
+
+    A damaged one is logged in one line and, unless read-only, moved to
+    checkpoints/damaged/<step>; then the next is tried. None when none is readable (with
+    `input_source`, i.e. training: logged as a fresh start, the input at step 0).
+    IncompatibleCheckpoint and every error that is not a read failure propagate.
+    """
+    for i, step in enumerate(steps):
+      try:
+        return step, self.restore(step, strategy, config, input_source)
+      except DamagedCheckpoint as e:
+        moved = "" if self.read_only else f"; moved to {self._move_aside(step)}"
+        nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+        logging.warning("%s%s; %s", e, moved, nxt)
+    if steps and input_source is not None:
+      input_source.start_at(0)  # a process may have read a damaged step's position
+      logging.warning(
+        "no readable checkpoint in %s (%s damaged): starting from step 0",
+        self.directory,
+        ", ".join(map(str, steps)),
+      )
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """checkpoints/<step> -> checkpoints/damaged/<step> (by process 0; every process waits)."""
+    damaged = os.path.join(self.directory, DAMAGED_DIR)
+    target, n = os.path.join(damaged, str(step)), 1
+    while os.path.exists(target):  # the same step damaged again after a later save
+      n += 1
+      target = os.path.join(damaged, f"{step}-{n}")
+    if jax.process_index() == 0:
+      os.makedirs(damaged, exist_ok=True)
+      os.rename(self.step_dir(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()  # forget the step: it is neither restored nor kept nor deleted
+    return target
+
   def restore(self, step: int, strategy, config, input_source=None) -> TrainState:
     """The state saved at `step`, laid out for `strategy`; positions `input_source` (None:
     the state only, e.g. to evaluate).
 
-    Raises IncompatibleCheckpoint when the model / optimizer fields differ.
+    Raises IncompatibleCheckpoint when the model / optimizer fields differ,
+    DamagedCheckpoint (every process alike) when its files cannot be read back.
     """
     meta = self.meta(step)
     where = f"checkpoint {self.step_dir(step)}"
     check_compatible(meta["config"], config, where)
+    self._check_stored_shapes(step, meta, strategy)
     target = strategy.abstract_state()
     same_layout = (
       meta["strategy"] == strategy.name
@@ -264,9 +462,7 @@ class Checkpointer:
       and meta["stored_shapes"] == _stored_shapes(target)
     )
     if same_layout:
-      state = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-      )["state"]
+      state = self._read(step, "state", ocp.args.StandardRestore(target))
     else:
       logging.info(
         "%s: restoring the %s layout on %d devices into %s on %d devices",
@@ -285,10 +481,7 @@ class Checkpointer:
       and meta["num_workers"] == int(config.data.num_workers)
     )
     if same_input:
-      self.manager.restore(
-        step,
-        args=ocp.args.Composite(input=grain.checkpoint.CheckpointRestore(InputState(input_source))),
-      )
+      self._read(step, "input", grain.checkpoint.CheckpointRestore(InputState(input_source)))
     else:
       # Another process or worker count (or input kind): the saved positions are per
       # process, but the Grain stream is global, so it resumes at the saved step exactly.
@@ -313,15 +506,56 @@ class Checkpointer:
       )
     return state
 
+  def _read(self, step: int, item: str, args) -> Any:
+    """One item of the step, read on every process; DamagedCheckpoint when any could not."""
+    value = self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    reason = _agree(f"{item}: {value.reason}" if isinstance(value, _Unreadable) else None)
+    if reason is not None:
+      raise DamagedCheckpoint(
+        f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"
+      )
+    return value
+
+  def _check_stored_shapes(self, step: int, meta: dict, strategy) -> None:
+    """DamagedCheckpoint when Orbax's array metadata of the state disagrees with the meta's
+    stored shapes (a cheap read of one JSON file, before any array is read).
+
+    Arrays that only one of them names are left to the restore: that is another
+    optimizer (IncompatibleCheckpoint), not damage.
+    """
+    reason = None
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+    except Exception as e:  # narrowed: only read failures, the rest re-raised
+      reason = unreadable_reason(e)
+      if reason is None:
+        raise
+      reason = f"state metadata: {reason}"
+    if reason is None and stored is not None:
+      saved = _saved_tree(meta, strategy)
+      by_path = {
+        _path_key(path): tuple(shape)
+        for (path, _), shape in zip(
+          jax.tree_util.tree_flatten_with_path(saved)[0], meta["stored_shapes"], strict=False
+        )
+      }
+      for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]:
+        key, shape = _path_key(path), tuple(getattr(leaf, "shape", ()) or ())
+        if key in by_path and by_path[key] != shape:
+          reason = (
+            f"state {'/'.join(key)} is stored as {list(shape)} but its meta says "
+            f"{list(by_path[key])}"
+          )
+          break
+    reason = _agree(reason)
+    if reason is not None:
+      raise DamagedCheckpoint(
+        f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"
+      )
+
   def _restore_other_layout(self, step: int, meta: dict, strategy) -> TrainState:
     """Read every leaf, convert stored -> model layout -> the new strategy's stored layout."""
-    current = strategy.abstract_state()
-    # The saved tree: the current one, with or without a pending update as saved.
-    valid = jax.ShapeDtypeStruct((), bool, sharding=strategy.replicated)
-    pending = PendingUpdate(current.params, valid) if meta.get("pending", False) else None
-    leaves, treedef = jax.tree.flatten(
-      TrainState(current.step, current.params, current.opt_state, pending)
-    )
+    leaves, treedef = jax.tree.flatten(_saved_tree(meta, strategy))
     if len(leaves) != len(meta["stored_shapes"]):
       raise IncompatibleCheckpoint(
         f"checkpoint {self.step_dir(step)} holds {len(meta['stored_shapes'])} arrays, the "
@@ -343,9 +577,7 @@ class Checkpointer:
         for shape, leaf in zip(meta["stored_shapes"], leaves, strict=True)
       ],
     )
-    saved = self.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_abstract))
-    )["state"]
+    saved = self._read(step, "state", ocp.args.StandardRestore(saved_abstract))
 
     def to_model_layout(x, full):
       if x.shape != full.shape and (x.ndim != 1 or x.size < math.prod(full.shape)):
@@ -356,6 +588,7 @@ class Checkpointer:
       return x.reshape(-1)[: math.prod(full.shape)].reshape(full.shape)
 
     shapes = strategy.param_shapes
+    pending = None
     if saved.pending is not None:
       pending = PendingUpdate(
         jax.tree.map(to_model_layout, saved.pending.grads, shapes), saved.pending.valid

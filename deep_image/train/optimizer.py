@@ -22,8 +22,12 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   p = learning_rate * batch_size / lr_batch_reference; with 0, p = learning_rate.
 
   Raises:
-    ValueError naming the field when warmup_steps or lr_batch_reference is negative.
+    ConfigError naming the field when learning_rate is not positive (a negative rate
+    climbs the loss until it is no longer finite; 0 trains nothing) or warmup_steps or
+    lr_batch_reference is negative.
   """
+  if not train_cfg.learning_rate > 0:  # also NaN
+    raise ConfigError(f"train.learning_rate={train_cfg.learning_rate} must be > 0")
   if train_cfg.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps={train_cfg.warmup_steps} must be >= 0")
   if train_cfg.lr_batch_reference < 0:
@@ -50,8 +54,10 @@ def _decay_mask(params):
   )
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """optax SGD with momentum `train.momentum` (0.9) and L2 weight decay on kernels.
+def make_optimizer(
+  train_cfg, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+  """optax SGD with momentum `train.momentum` and L2 weight decay on kernels.
 
   One update is trace <- momentum * trace + grad + weight_decay * kernel (biases: no decay
   term), param <- param - lr(step) * trace. The state is the momentum trace (a tree like the
@@ -62,5 +68,5 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """
   return optax.chain(
     optax.add_decayed_weights(train_cfg.weight_decay, mask=_decay_mask),
-    optax.sgd(learning_rate_schedule(train_cfg), momentum=train_cfg.momentum),
+    optax.sgd(schedule or learning_rate_schedule(train_cfg), momentum=train_cfg.momentum),
   )

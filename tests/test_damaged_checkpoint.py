@@ -1,0 +1,126 @@
+"""A damaged checkpoint is moved aside and the run resumes from the one before, exactly.
+
+One uninterrupted tiny run keeps three checkpoints (4, 8, 12). Copies of its workdir,
+as if the run had died after its last save (no result.json), get their latest checkpoint
+damaged the ways a disk or a user damages one: an array file truncated, one deleted,
+garbage in the meta. The same train command then resumes from step 8, logs one line
+naming step 12 and what is wrong, moves it to checkpoints/damaged/12, and logs exactly
+the uninterrupted run's losses. Readers (experiments.evaluate) fall back the same way
+without moving anything; a damaged step asked for by number is a one-line error.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import run_cli, train_cli
+
+from deep_image.train.metrics import read_metrics
+
+JOB = (
+  "--config.train.num_steps=12",
+  "--config.train.checkpoint_every=4",
+  "--config.train.keep_checkpoints=3",
+  "--config.train.eval_every=0",
+  "--config.train.log_every=1",
+)
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"]) for r in read_metrics(str(workdir))[0]]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  done = train_cli(workdir, *JOB)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
+  return workdir
+
+
+def _died_after_last_save(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  os.remove(workdir / "result.json")
+  return workdir
+
+
+def _largest_array_file(step_dir):
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(step_dir / "state" / "ocdbt.process_0" / "d")
+    for name in names
+  ]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  path = _largest_array_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete(step_dir):
+  os.remove(_largest_array_file(step_dir))
+
+
+def _garbage_meta(step_dir):
+  (step_dir / "meta" / "metadata").write_text('{"step": 12, "stored_sh\x00\x00 garbage')
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete, _garbage_meta], ids=lambda f: f.__name__)
+def test_the_run_resumes_from_the_checkpoint_before_a_damaged_one(finished, tmp_path, damage):
+  workdir = _died_after_last_save(finished, tmp_path)
+  damage(workdir / "checkpoints" / "12")
+
+  done = train_cli(workdir, *JOB)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+  lines = [line for line in done.stderr.splitlines() if "is damaged" in line]
+  assert len(lines) == 1 and "checkpoint of step 12" in lines[0], done.stderr[-3000:]
+  assert "moved to" in lines[0] and "trying step 8" in lines[0]
+  assert "resumed from step 8" in done.stderr
+  # Moved aside, never deleted; the run saved step 12 again beside it.
+  assert (workdir / "checkpoints" / "damaged" / "12" / "meta").is_dir()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "damaged"]
+  assert _losses(workdir) == _losses(finished)  # every step once, bit-identical
+  with open(workdir / "result.json") as f, open(finished / "result.json") as g:
+    got, want = json.load(f), json.load(g)
+  assert {k: got[k] for k in ("step", "top1", "top5")} == {
+    k: want[k] for k in ("step", "top1", "top5")
+  }
+
+
+def test_with_no_readable_checkpoint_the_run_starts_afresh_and_says_so(finished, tmp_path):
+  workdir = _died_after_last_save(finished, tmp_path)
+  for step in ("4", "8", "12"):
+    _garbage_meta(workdir / "checkpoints" / step)
+  done = train_cli(workdir, *JOB)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "no readable checkpoint" in done.stderr and "starting from step 0" in done.stderr
+  assert "resumed from step" not in done.stderr
+  assert sorted(os.listdir(workdir / "checkpoints" / "damaged")) == ["12", "4", "8"]
+  assert _losses(workdir) == _losses(finished)
+
+
+def test_readers_fall_back_without_moving_anything(finished, tmp_path):
+  workdir = _died_after_last_save(finished, tmp_path)
+  _truncate(workdir / "checkpoints" / "12")
+  before = sorted(os.listdir(workdir / "checkpoints"))
+
+  done = run_cli("experiments.evaluate", f"--workdir={workdir}", "--checkpoint=latest")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"{workdir}, step 8," in done.stdout
+  assert "restored step 8 (latest; step 12 is damaged)" in done.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == before  # read-only: nothing moved
+  with open(workdir / "eval.json") as f:
+    assert {r["step"] for r in json.load(f).values()} == {8}
+
+  # Asked for by number, a damaged step is one line naming it and what is wrong.
+  done = run_cli("experiments.evaluate", f"--workdir={workdir}", "--checkpoint=12")
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert "checkpoint of step 12" in last and "is damaged" in last and "OUT_OF_RANGE" in last
+  assert "Traceback" not in done.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
