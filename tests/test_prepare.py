@@ -256,6 +256,16 @@ def test_cli_summary_and_missing_src(prepared, tmp_path):
     cwd=cwd,
   )
   assert bad.returncode != 0 and "nope does not exist" in bad.stderr
+  # A negative shard count is refused (it used to mean automatic), before anything is read.
+  negative = subprocess.run(
+    cmd + [f"--src={root / 'src'}", f"--dst={tmp_path / 'd3'}", "--num_shards=-3"],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+  )
+  assert negative.returncode != 0 and "Traceback" not in negative.stderr
+  assert negative.stderr.strip().splitlines()[-1].startswith("prepare: error: --num_shards=-3")
+  assert not (tmp_path / "d3").exists()
 
 
 def test_permission_denied_is_skipped_even_as_root(tmp_path, monkeypatch):
@@ -621,6 +631,8 @@ def test_bad_label_and_classes_files_give_clear_errors(tmp_path):
     run_with("# only a comment\n")
   with pytest.raises(ValueError, match=r"--labels .*labels\.json: expected a JSON object"):
     run_with('["a.jpg", "cls"]', labels_name="labels.json")
+  with pytest.raises(ValueError, match=r"--labels .*labels\.json: not JSON \(.* at line 1 column"):
+    run_with('{"a.jpg": "cls",', labels_name="labels.json")
   with pytest.raises(FileNotFoundError, match=r"--labels .*missing\.txt: cannot read"):
     _run(tmp_path / "flat", tmp_path / "dst", labels=str(tmp_path / "missing.txt"))
   with pytest.raises(ValueError, match=r"--classes .*classes\.json: expected a JSON list"):

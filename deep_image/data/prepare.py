@@ -264,7 +264,12 @@ def read_labels(path: str) -> dict[str, str]:
   except OSError as e:
     raise FileNotFoundError(f"--labels {path}: cannot read: {e.strerror or e}") from e
   if path.endswith(".json"):
-    mapping = json.loads(text)
+    try:
+      mapping = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        f"--labels {path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})"
+      ) from e
     if not isinstance(mapping, dict):
       raise ValueError(f"--labels {path}: expected a JSON object {{file name: class}}")
     return {str(k): str(v) for k, v in mapping.items()}
@@ -488,8 +493,8 @@ def prepare(
   Args:
     src: source folder (layouts in the module docstring).
     dst: output folder; created if missing. A previous dataset there is replaced.
-    num_shards: shard count; 0 picks ceil(source bytes / 256 MiB). Capped at the number of
-      candidate files.
+    num_shards: shard count (negative: a ValueError); 0 picks ceil(source bytes / 256 MiB).
+      Capped at the number of candidate files.
     labels: label file for a flat folder (module docstring); None for class folders.
     classes: classes.json fixing label ids (e.g. the train folder's, for validation).
     max_image_pixels: decompression-bomb limit (width * height).
@@ -506,6 +511,11 @@ def prepare(
       no file was usable (the report is still written then, the manifest is not).
     RuntimeError: an unexpected error while checking a file (names the file).
   """
+  if num_shards < 0:
+    raise ValueError(
+      f"--num_shards={num_shards}: expected a shard count, or 0 for shards of about "
+      f"{SHARD_TARGET_BYTES >> 20} MiB"
+    )
   src = os.path.abspath(src)
   dst = os.path.abspath(dst)
   if os.path.commonpath([src, dst]) == src:
