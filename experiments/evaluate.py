@@ -20,6 +20,7 @@ import os
 
 from absl import app, flags, logging
 
+from deep_image.train.workdir import EVAL_NAME
 from experiments import cli
 from experiments.markdown import table
 
@@ -85,7 +86,7 @@ def main(argv):
   split = flags.FLAGS.split or config.data.eval_split
   evaluator = trained.evaluator()
   evaluation = evaluator.run(trained.params, protocols, split=split)
-  out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "eval.json")
+  out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, EVAL_NAME)
   write_results(out, evaluation.results, step=trained.step, split=split)
   print(f"{flags.FLAGS.workdir}, step {trained.step}, split {split!r}:\n")
   print(results_table(evaluation.results))
