@@ -12,9 +12,13 @@ without moving anything; a damaged step asked for by number is a one-line error.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli, train_cli
+from conftest import TINY_JOB_FLAGS, run_cli, train_cli
+
+from deep_image.parallel.mesh import PATIENT_COLLECTIVES
 
 from deep_image.train.metrics import read_metrics
 
@@ -124,3 +128,46 @@ def test_readers_fall_back_without_moving_anything(finished, tmp_path):
   assert "checkpoint of step 12" in last and "is damaged" in last and "OUT_OF_RANGE" in last
   assert "Traceback" not in done.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_two_processes_agree_on_the_step_when_only_one_cannot_read(tmp_path):
+  """2 processes x 4 devices, `lazy` (each process stores and reads its own shards): a
+  damaged file of process 1's shards is seen by process 1 alone, yet both restore step 4."""
+  job = [
+    "--config.parallel.num_devices=4",
+    "--config.parallel.strategy=lazy",
+    "--config.train.num_steps=8",
+    "--config.train.checkpoint_every=4",
+    "--config.train.keep_checkpoints=3",
+    "--config.train.eval_every=0",
+    "--config.train.log_every=1",
+  ]
+  workdir = tmp_path / "run"
+
+  def launch():
+    return subprocess.run(
+      [sys.executable, "-m", "launch.local", "--num_processes=2", "--", f"--workdir={workdir}",
+       *TINY_JOB_FLAGS, *job],
+      capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES),
+      timeout=400,
+    )  # fmt: skip
+
+  first = launch()
+  assert first.returncode == 0, first.stderr[-3000:]
+  want = _losses(workdir)
+  os.remove(workdir / "result.json")
+  shards = workdir / "checkpoints" / "8" / "state" / "ocdbt.process_1" / "d"
+  largest = max(shards.iterdir(), key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+
+  again = launch()
+  logs = [(workdir / f"process_{i}.log").read_text() for i in range(2)]
+  assert again.returncode == 0, again.stderr[-1500:] + logs[0][-1500:] + logs[1][-1500:]
+  damaged = [[line for line in log.splitlines() if "is damaged" in line] for log in logs]
+  assert len(damaged[0]) == len(damaged[1]) == 1, damaged
+  assert "checkpoint of step 8" in damaged[1][0] and "state: " in damaged[1][0]
+  assert "is damaged: process 1: state: " in damaged[0][0] and "moved to" in damaged[0][0]
+  for log in logs:
+    assert "resumed from step 4" in log
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8", "damaged"]
+  assert _losses(workdir) == want

@@ -186,18 +186,29 @@ def _silence_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+_REASON_BYTES = 512  # of a damage reason sent to the other processes
+
+
 def _agree(reason: str | None) -> str | None:
-  """The reason of any process (None only when every process read its part).
+  """This process's reason, or another's ('process i: ...'); None only when every process
+  read its part.
 
   A damaged file may be read by one process only (its shards); every process must then
   treat the step as damaged, or they would restore different steps.
   """
   if jax.process_count() == 1:
     return reason
-  votes = multihost_utils.process_allgather(np.array([reason is not None], np.int32))
-  if reason is None and votes.any():
-    return f"unreadable on process {int(np.argmax(votes))}"
-  return reason
+  text = (reason or "").encode()[:_REASON_BYTES]
+  row = np.zeros(1 + _REASON_BYTES, np.uint8)
+  row[0] = reason is not None
+  row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(row))  # [processes, 1 + _REASON_BYTES]
+  if reason is not None:
+    return reason
+  for i, other in enumerate(rows):
+    if other[0]:
+      return f"process {i}: " + bytes(other[1:]).rstrip(b"\0").decode(errors="replace")
+  return None
 
 
 def _field(config_dict: dict, dotted: str) -> Any:
