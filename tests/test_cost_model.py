@@ -1,9 +1,10 @@
-"""The cost model (deep_image/parallel/cost_model.py) and parallel.strategy='auto'."""
+"""The cost model (parallel/cost_model.py, scaling_model.py) and parallel.strategy='auto'."""
 
 import logging
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -11,9 +12,11 @@ import pytest
 from deep_image.config_error import ConfigError
 from deep_image.models.summary import total_parameters
 from deep_image.models.vgg import make_model, make_spec
+from deep_image.parallel import clusters, layout_policy, strategies, validation
 from deep_image.parallel import cost_model as cm
 from deep_image.parallel import mesh as mesh_lib
-from deep_image.parallel import strategies
+from deep_image.parallel import scaling_model as sm
+from deep_image.parallel.collective_cost import collective_cost
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 
@@ -21,7 +24,7 @@ MODEL = "scaling_8conv_3fc"
 
 
 def _cluster(per_node, intra_bw, inter_bw, intra_lat=0.0, inter_lat=0.0):
-  return cm.Cluster(
+  return clusters.Cluster(
     name="test",
     description="hand-computed",
     devices_per_node=per_node,
@@ -40,7 +43,7 @@ def _cluster(per_node, intra_bw, inter_bw, intra_lat=0.0, inter_lat=0.0):
 
 def test_ring_inside_one_node_is_n_minus_1_rounds_of_alpha_plus_chunk_over_bandwidth():
   cl = _cluster(4, intra_bw=1e9, inter_bw=1e9, intra_lat=1e-6)
-  cost = cm.collective_cost("reduce_scatter", "ring", 4e6, 4, cl)
+  cost = collective_cost("reduce_scatter", "ring", 4e6, 4, cl)
   assert cost.seconds == pytest.approx(3 * (1e-6 + 1e6 / 1e9))
   assert (cost.bytes_sent, cost.rounds, cost.algorithm) == (3e6, 3, "ring")
 
@@ -49,28 +52,28 @@ def test_butterfly_rounds_across_nodes_share_the_node_link():
   # 8 devices, 2 per node, chunk c = 1 MB. Reduce-scatter rounds d = 4, 2 cross
   # nodes with both devices of a node on its link (messages 4c, 2c); d = 1 stays inside.
   cl = _cluster(2, intra_bw=10e9, inter_bw=1e9)
-  cost = cm.collective_cost("reduce_scatter", "butterfly", 8e6, 8, cl)
+  cost = collective_cost("reduce_scatter", "butterfly", 8e6, 8, cl)
   assert cost.seconds == pytest.approx(2 * 4e6 / 1e9 + 2 * 2e6 / 1e9 + 1e6 / 10e9)
   assert (cost.bytes_sent, cost.rounds) == (7e6, 3)
   # The all-gather runs the same rounds in reverse order: same time and bytes.
-  gather = cm.collective_cost("all_gather", "butterfly", 8e6, 8, cl)
+  gather = collective_cost("all_gather", "butterfly", 8e6, 8, cl)
   assert gather.seconds == pytest.approx(cost.seconds)
   # Ring: each round one device per node crosses (alone on the link), 7 rounds of c.
-  ring = cm.collective_cost("reduce_scatter", "ring", 8e6, 8, cl)
+  ring = collective_cost("reduce_scatter", "ring", 8e6, 8, cl)
   assert ring.seconds == pytest.approx(7 * 1e6 / 1e9)
-  assert cm.collective_cost("reduce_scatter", "xla", 8e6, 8, cl).seconds == ring.seconds
+  assert collective_cost("reduce_scatter", "xla", 8e6, 8, cl).seconds == ring.seconds
   # Direct: shifts 1 and 7 send one device of a node across (the other stays
   # inside), shifts 2..6 both.
-  direct = cm.collective_cost("reduce_scatter", "direct", 8e6, 8, cl)
+  direct = collective_cost("reduce_scatter", "direct", 8e6, 8, cl)
   assert direct.seconds == pytest.approx((2 * 1 + 5 * 2) * 1e6 / 1e9)
 
 
 def test_butterfly_off_a_power_of_two_runs_as_ring_and_one_device_sends_nothing():
-  cl = cm.PRESETS["minwa"]
-  assert cm.collective_cost("all_gather", "butterfly", 6e6, 6, cl).algorithm == "ring"
-  assert cm.collective_cost("all_gather", "butterfly", 6e6, 1, cl).seconds == 0.0
+  cl = clusters.PRESETS["minwa"]
+  assert collective_cost("all_gather", "butterfly", 6e6, 6, cl).algorithm == "ring"
+  assert collective_cost("all_gather", "butterfly", 6e6, 1, cl).seconds == 0.0
   with pytest.raises(ConfigError, match="parallel.collective='tree'"):
-    cm.collective_cost("all_gather", "tree", 6e6, 4, cl)
+    collective_cost("all_gather", "tree", 6e6, 4, cl)
 
 
 # --- the schedule ------------------------------------------------------------
@@ -127,35 +130,35 @@ def test_one_device_is_pure_compute_and_speedup_is_one():
   # Forward + backward = 3 x forward FLOPs but the first layer's missing input gradient.
   layers = cm.model_layers(MODEL)
   flops = 3 * sum(x.flops for x in layers) - layers[0].flops
-  assert p.compute_s - p.update_s == pytest.approx(64 * flops / cm.PRESETS["minwa"].flops)
+  assert p.compute_s - p.update_s == pytest.approx(64 * flops / clusters.PRESETS["minwa"].flops)
   # The update: 20 bytes of memory traffic per parameter.
   params = sum(x.kernel + x.bias for x in layers)
-  assert p.update_s == pytest.approx(20 * params / cm.PRESETS["minwa"].memory_bandwidth)
-  assert cm.speedup(MODEL, "minwa", 1, 256) == pytest.approx(1.0)
+  assert p.update_s == pytest.approx(20 * params / clusters.PRESETS["minwa"].memory_bandwidth)
+  assert sm.speedup(MODEL, "minwa", 1, 256) == pytest.approx(1.0)
 
 
 def test_crossover_is_a_listed_count_and_moves_with_the_batch():
   # Hybrid's traffic grows with b like its compute; data's is fixed: a smaller
   # batch per device favours hybrid, so the crossover cannot move down.
-  counts = [cm.crossover(MODEL, "minwa", b) for b in (16, 64, 256)]
-  assert all(c in cm.device_counts(64) for c in counts)
+  counts = [sm.crossover(MODEL, "minwa", b) for b in (16, 64, 256)]
+  assert all(c in sm.device_counts(64) for c in counts)
   assert counts[0] >= counts[1] >= counts[2], counts
   # Free links: both strategies are pure compute, hybrid never slower.
   free = _cluster(4, intra_bw=1e18, inter_bw=1e18)
-  assert cm.crossover(MODEL, free) == 64
+  assert sm.crossover(MODEL, free) == 64
   # Data-parallel speedup cannot exceed the device count.
-  assert cm.speedup(MODEL, "minwa", 64, 1024) <= 64
+  assert sm.speedup(MODEL, "minwa", 64, 1024) <= 64
 
 
 def test_report_ends_with_crossover_and_speedup_lines():
-  text = cm.report("minwa")
+  text = sm.report("minwa")
   last = text.splitlines()[-2:]
   assert re.fullmatch(r"crossover: \d+", last[0]), last
   assert re.fullmatch(r"speedup@64: \d+\.\dx", last[1]), last
-  assert last[0] == f"crossover: {cm.crossover(MODEL, 'minwa')}"
-  assert last[1] == f"speedup@64: {cm.speedup(MODEL, 'minwa', 64, 1024):.1f}x"
+  assert last[0] == f"crossover: {sm.crossover(MODEL, 'minwa')}"
+  assert last[1] == f"speedup@64: {sm.speedup(MODEL, 'minwa', 64, 1024):.1f}x"
   assert "paper (section 3.3, Minwa): crossover 16, speedup@64 47x" in text
-  rows = cm.predict_rows("h100")
+  rows = sm.predict_rows("h100")
   assert {r["figure"] for r in rows} == {"left", "right"}
   left = [r for r in rows if r["figure"] == "left" and r["strategy"] == "data"]
   assert [r["num_devices"] for r in left] == [1, 2, 4, 8, 16, 32, 64]
@@ -164,7 +167,7 @@ def test_report_ends_with_crossover_and_speedup_lines():
 
 def test_bad_preset_names_the_presets():
   with pytest.raises(ValueError, match=r"preset='dgx' is not a known cluster.*'h100'"):
-    cm.report("dgx")
+    sm.report("dgx")
   with pytest.raises(ValueError, match="preset='dgx'"):
     cm.predict(MODEL, "data", "ring", 8, 64, "dgx")
   with pytest.raises(ConfigError, match="parallel.strategy='pipeline'"):
@@ -204,7 +207,7 @@ def test_compare_bytes_matches_the_compiled_data_parallel_step():
       assert dtype == "f32", dtype
       sent += 4 * math.prod(int(d) for d in dims.split(",") if d)
   assert sent > 0
-  error = cm.compare_bytes(
+  error = sm.compare_bytes(
     "vgg_tiny", "data", "butterfly", 8, 1, sent, image_size=8, num_classes=c.model.num_classes
   )
   # The model pads each leaf to a multiple of N like buckets.plan, so only
@@ -214,41 +217,43 @@ def test_compare_bytes_matches_the_compiled_data_parallel_step():
 
 def test_auto_builds_the_predicted_fastest_strategy_and_logs_why(caplog):
   c = _config("auto", 16)
-  strategies.validate_parallel_config(c, 8)
+  validation.validate_parallel_config(c, 8)
   caplog.set_level(logging.INFO)
   s = _strategy(c, 8)
-  assert s.name in strategies.STRATEGIES
+  assert s.name in layout_policy.STRATEGIES
   assert c.parallel.strategy == "auto"  # the caller's config is left as it was
   assert s.config.parallel.strategy == s.name
   line = [r.getMessage() for r in caplog.records if "parallel.strategy='auto'" in r.getMessage()]
   assert len(line) == 1 and f"-> {s.name!r}" in line[0] and "predicted step" in line[0], line
   times = dict(re.findall(r"(gspmd|data|lazy|hybrid) ([0-9.]+) ms", line[0]))
-  assert sorted(times) == sorted(strategies.STRATEGIES), line
+  assert sorted(times) == sorted(layout_policy.STRATEGIES), line
   assert float(times[s.name]) == min(map(float, times.values())), line
   # On 5 devices vgg_tiny's 24 FC1 columns do not split: only data and lazy can run.
   mesh = mesh_lib.make_mesh(c.parallel, jax.devices()[:5])
   c5 = _config("auto", 10)
-  name, reason = cm.choose_strategy(c5, mesh)
+  name, reason = strategies.choose_strategy(c5, mesh)
   assert name in ("data", "lazy") and "not runnable here: gspmd, hybrid" in reason, reason
 
 
 def test_unknown_strategy_lists_auto():
   c = _config("fastest", 8)
   with pytest.raises(ConfigError, match=r"parallel.strategy='fastest'.*'auto'"):
-    strategies.validate_parallel_config(c, 8)
+    validation.validate_parallel_config(c, 8)
 
 
 def test_update_follows_what_each_device_owns_and_a_shared_host_divides_its_rates():
   layers = cm.model_layers(MODEL)
   total = sum(x.kernel + x.bias for x in layers)
-  fc12 = sum(x.kernel + x.bias for x in layers if x.name in ("fc1", "fc2"))
+  # Hybrid splits FC1 and FC2's kernel; FC2's bias is added after the sum, whole.
+  split = sum(x.kernel + x.bias for x in layers if x.name == "fc1") + layers[-2].kernel
   kernels = sum(x.kernel for x in layers)
   assert cm.updated_parameters(layers, "data", "data", 8) == total
   assert cm.updated_parameters(layers, "lazy", "data", 8) == pytest.approx(
     total - kernels + kernels / 8
   )
+  assert layers[-2].name == "fc2"
   assert cm.updated_parameters(layers, "hybrid", "data", 8) == pytest.approx(
-    total - fc12 + fc12 / 8
+    total - split + split / 8
   )
   assert cm.updated_parameters(layers, "lazy", "data", 1) == total
   # Simulated devices share the host: 2 devices of 4 images take the compute time of
@@ -259,6 +264,42 @@ def test_update_follows_what_each_device_owns_and_a_shared_host_divides_its_rate
   assert two.update_s == pytest.approx(2 * one.update_s)  # every device updates everything
 
 
-def test_the_modelled_strategies_are_the_built_ones():
-  # cost_model keeps its own tuple: strategies imports cost_model, not the reverse.
-  assert cm.STRATEGIES == strategies.STRATEGIES
+@pytest.mark.parametrize("strategy", layout_policy.STRATEGIES)
+@pytest.mark.parametrize("conv", layout_policy.CONV_MODES)
+def test_the_cost_model_plans_the_buckets_the_strategy_builds(strategy, conv):
+  c = _config(strategy, 8)
+  c.parallel.conv, c.parallel.bucket_mb = conv, 0.001  # 1 KiB: several buckets
+  layers = cm.model_layers("vgg_tiny", 8, c.model.num_classes)
+  modelled = cm.plan_buckets(layers, strategy, conv, 8, c.parallel.bucket_mb, 4)
+  if strategy == "gspmd":  # XLA synchronizes; the model plans the layouts' buckets
+    shapes = jax.eval_shape(
+      lambda: make_model(c.model).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    )
+    shapes = nn.unbox(shapes)
+    built_layouts = layout_policy.param_layouts(strategy, conv, shapes)
+    paths = jax.tree_util.tree_leaves_with_path(shapes)
+    built = layout_policy.plan_buckets(
+      strategy,
+      conv,
+      [x.name for x in layers],
+      [layout_policy.path_names(p) for p, _ in paths],
+      [math.prod(x.shape) for _, x in paths],
+      8,
+      c.parallel.bucket_mb,
+    )
+    assert {lo.kind for lo in jax.tree.leaves(built_layouts)} == {"replicated", "split"}
+  else:
+    built = _strategy(c, 8).buckets
+  assert len(modelled) > 2
+  assert [(b.kind, b.layers, b.size) for b in modelled] == [
+    (b.kind, b.layers, b.size) for b in built
+  ]
+
+
+def test_the_paper_setup_takes_the_parallel_defaults_of_the_base_config():
+  # PAPER_SETUP names the paper's ImageNet model; its parallel fields are the defaults.
+  c = base.get_config()
+  assert cm.StepSetup.from_config(c).activation_bytes is None  # float32
+  for field in ("overlap", "conv", "bucket_mb", "fc_micro_batches"):
+    assert getattr(cm.PAPER_SETUP, field) == c.parallel[field], field
+  assert (cm.PAPER_SETUP.image_size, cm.PAPER_SETUP.num_classes) == (224, 1000)

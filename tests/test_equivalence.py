@@ -35,7 +35,7 @@ import pytest
 from deep_image.models import losses
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
-from deep_image.parallel import strategies
+from deep_image.parallel import strategies, validation
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 
@@ -308,14 +308,14 @@ def test_bad_configs_fail_before_compiling(field, value, message):
   section, key = field.split(".")
   c[section][key] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    strategies.validate_parallel_config(c, 8)
+    validation.validate_parallel_config(c, 8)
 
 
 def test_hybrid_rejects_fc_width_that_does_not_split():
   c = tiny_config("hybrid", "ring")
   c.train.batch_size = 40  # divides over 5 devices; FC1's 24 outputs do not
   with pytest.raises(ValueError, match="splits FC1's 24 outputs over 5 devices"):
-    strategies.validate_parallel_config(c, 5)
+    validation.validate_parallel_config(c, 5)
 
 
 def test_device_augmentation_without_preprocess_is_a_clear_error():

@@ -38,6 +38,8 @@ from jax import lax
 
 # Logical axis name of the tensor-sharded FC dimension (see module docstring).
 MODEL_AXIS = "model"
+# Parameter-tree names of the FC layers, forward order (FC3 is the classifier).
+FC_LAYERS = ("fc1", "fc2", "fc3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,3 +355,8 @@ def conv_layer_names(spec: VGGSpec) -> Sequence[str]:
   """Parameter-tree names of the conv layers, in forward order."""
   n = sum(len(s) for s in spec.stages)
   return [f"convs_{i}" for i in range(n)]
+
+
+def layer_names(spec: VGGSpec) -> list[str]:
+  """Parameter-tree names of every layer with parameters, in forward order."""
+  return [*conv_layer_names(spec), *FC_LAYERS]

@@ -191,6 +191,13 @@ def add_gpu_overlap_flags(environ=os.environ) -> None:
   environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
+def check_device_counts(num_devices, num_processes) -> None:
+  """ConfigError unless parallel.num_devices and parallel.num_processes are whole numbers >= 1."""
+  for field, value in (("num_devices", num_devices), ("num_processes", num_processes)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"parallel.{field}={value!r} must be a whole number >= 1")
+
+
 def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   """Simulate `num_devices` CPU devices in all, unless XLA_FLAGS already fixes the count.
 
@@ -205,6 +212,7 @@ def configure_host_devices(num_devices: int, num_processes: int = 1) -> None:
   (`add_gpu_overlap_flags`). (A collective that never completes is another
   matter: see `wait_each_step` in `deep_image/train/loop.py`.)
   """
+  check_device_counts(num_devices, num_processes)
   add_gpu_overlap_flags()
   flags = os.environ.get("XLA_FLAGS", "")
   if "collective_call_terminate_timeout" not in flags:
