@@ -23,7 +23,7 @@ parts already there, then the markdown and the PNG are redrawn from all rows):
 2. `--gpu_compile` (needs the CUDA jax venv, README "How the strategies scale"): deviceless XLA GPU
    compiles for 8..64 H100s on 1..8 hosts (8 per host): per-device memory, collectives,
    bytes sent per device and the fraction of async collectives the scheduler overlaps
-   (`experiments.compile_gpu.overlap_summary`). Nothing runs; skipped with a message when
+   (`deep_image.analysis.overlap.overlap_summary`). Nothing runs; skipped with a message when
    the CUDA plugin is missing.
 3. `--model_only --preset=NAME [--plot=FILE.png]`: `deep_image.parallel.scaling_model.report(NAME,
    model)`, and the predicted Figure 3 (`write_model_figure`).
@@ -38,6 +38,11 @@ gathered whole) cost a ring all-reduce's 2 (N-1)/N of their bytes per device; th
 follows the batch (activations of the split FC layers for hybrid and gspmd). Hybrid's
 rest per image of the global batch, over (N-1)/N, is the check that its FC traffic
 follows activations, not weights.
+
+This file is the command line only: the programs and their rows are
+`experiments.scaling_measure` (on `experiments.step_programs`), the claims and the cost
+model's errors `experiments.scaling_checks`, the JSON, markdown and figures
+`experiments.scaling_report`.
 """
 
 from __future__ import annotations

@@ -134,3 +134,22 @@ def test_missing_cuda_says_how_to_set_up(monkeypatch):
   )
   assert "jax[cuda12]" in message and "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1" in message
   assert "\n" not in message
+
+
+def test_compile_one_on_cpu_devices():
+  """The compile path of compile_gpu on 2 CPU devices (CPU collectives are synchronous, so
+  the async analysis finds none and counts every fraction as 1)."""
+  import jax
+
+  cfg = gpu_overlap.configurations(["lazy"], ["butterfly"], ["deferred"], "data")[0]
+  config = gpu_overlap.make_config(
+    cfg, model="vgg_tiny", image_size=8, batch=4, classes=10, dtype="float32", conv="data",
+    bucket_mb=0.01,
+  )  # fmt: skip
+  assert (config.parallel.strategy, config.parallel.overlap) == ("lazy", "deferred")
+  assert config.parallel.bucket_mb == 0.01 and config.model.num_classes == 10
+  r = gpu_overlap.compile_one(cfg, config, jax.devices()[:2], hlo_dir=None)
+  assert r["argument"] > 0 and r["seconds"] > 0 and r["buckets"] >= 1
+  assert r["summary"].count == len(r["collectives"]) and r["summary"].fraction == 1.0
+  text = gpu_overlap.report([r])
+  assert "| lazy / butterfly / deferred |" in text and "(none)" in text
