@@ -34,6 +34,12 @@ class OneImage:
     try:
       with Image.open(io.BytesIO(self.data)) as img:
         img.load()
+    except Image.DecompressionBombError as e:
+      # Raised from the header alone, before any pixel is decoded.
+      raise ConfigError(
+        f"--image={path!r}: refused by Pillow's decompression-bomb guard "
+        f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {e}"
+      ) from e
     except (UnidentifiedImageError, OSError) as e:
       raise ConfigError(f"--image={path!r} is not an image Pillow can read: {e}") from e
     self.path = path
@@ -128,6 +134,10 @@ def draw(columns: dict, names: list[str], k: int, title: str, path: str) -> None
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.k < 1:
+    from deep_image.config_error import ConfigError
+
+    raise ConfigError(f"--k={flags.FLAGS.k}: expected how many classes to list, at least 1")
   workdirs = cli.split_list(flags.FLAGS.workdirs, "workdirs")
   configs = cli.configure_devices_for_runs(workdirs)
   image = OneImage(flags.FLAGS.image)

@@ -6,7 +6,8 @@ damaged the ways a disk or a user damages one: an array file truncated, one dele
 garbage in the meta. The same train command then resumes from step 8, logs one line
 naming step 12 and what is wrong, moves it to checkpoints/damaged/12, and logs exactly
 the uninterrupted run's losses. Readers (experiments.evaluate) fall back the same way
-without moving anything; a damaged step asked for by number is a one-line error.
+without moving anything; a damaged step asked for by number is a one-line error. In a
+2-process run the damage one process alone sees makes both restore the same older step.
 """
 
 import json
@@ -19,6 +20,7 @@ import pytest
 from conftest import TINY_JOB_FLAGS, run_cli, train_cli
 
 from deep_image.parallel.mesh import PATIENT_COLLECTIVES
+from deep_image.train.checkpoint import unreadable_reason
 
 from deep_image.train.metrics import read_metrics
 
@@ -171,3 +173,23 @@ def test_two_processes_agree_on_the_step_when_only_one_cannot_read(tmp_path):
     assert "resumed from step 4" in log
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8", "damaged"]
   assert _losses(workdir) == want
+
+
+def test_only_failures_to_read_files_count_as_damage():
+  """A bug (a wrong shape asked for, a TypeError) must propagate, not move a good checkpoint."""
+  read = ValueError('OUT_OF_RANGE: Error reading "params.fc1.kernel/0.5" in OCDBT database')
+  wrapped = Exception("Encountered error while reading array index: (slice(0, 128, 1),)")
+  wrapped.__cause__ = read
+  assert unreadable_reason(wrapped).startswith("OUT_OF_RANGE: Error reading")
+  assert unreadable_reason(json.JSONDecodeError("Expecting value", "x", 0)).startswith("not JSON")
+  assert "No such file" in unreadable_reason(FileNotFoundError(2, "No such file", "/a/b"))
+  assert unreadable_reason(ValueError("File /w/input/process_1-of-2.json does not exist."))
+  bugs = [
+    TypeError("unsupported operand"),
+    KeyError("params"),
+    ValueError("Requested shape: (24, 128) is not compatible with the stored shape: (128, 24)"),
+    ValueError("INVALID_ARGUMENT: Error aligning dimensions"),
+    Exception("something else"),
+  ]
+  for bug in bugs:
+    assert unreadable_reason(bug) is None, bug

@@ -5,6 +5,8 @@ of section 4.2 in miniature, seconds each) and drives the three scripts as a use
 """
 
 import json
+import struct
+import zlib
 
 import flax.linen as nn
 import jax
@@ -181,6 +183,33 @@ def test_evaluate_ensemble_and_predict_end_to_end(tmp_path):
   (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
   done = run_cli("experiments.predict", f"--workdirs={low}", f"--image={tmp_path / 'bad.jpg'}")
   assert done.returncode == 1 and "bad.jpg" in done.stderr.splitlines()[-1]
+  # A 20000 x 20000 PNG (tens of KB): Pillow's decompression-bomb guard, named in one line.
+  bomb = tmp_path / "bomb.png"
+  _write_blank_png(bomb, 20_000, 20_000)
+  assert bomb.stat().st_size < 200_000
+  done = run_cli("experiments.predict", f"--workdirs={low}", f"--image={bomb}")
+  last = done.stderr.strip().splitlines()[-1]
+  assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert "bomb.png" in last and "MAX_IMAGE_PIXELS" in last and "400000000 pixels" in last
+  # No class to list: refused before any model is loaded (it printed an empty table).
+  done = run_cli("experiments.predict", f"--workdirs={low}", f"--image={tmp_path / 'scene.png'}", "--k=0")
+  assert done.returncode == 1 and "| rank" not in done.stdout
+  assert done.stderr.strip().splitlines()[-1] == (
+    "config error: --k=0: expected how many classes to list, at least 1"
+  )
+
+
+def _write_blank_png(path, width, height):
+  """A valid 1-bit greyscale PNG of width x height, all black, streamed (no image in memory)."""
+  row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+  packer = zlib.compressobj(9)
+  data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
 def test_scripts_refuse_what_they_cannot_evaluate(tmp_path):
