@@ -36,6 +36,8 @@ import jax
 from absl import app, flags, logging
 
 from deep_image.parallel import mesh as mesh_lib
+from deep_image.parallel.validation import OVERLAPS
+from experiments.configs import base
 from experiments.markdown import machine_markdown
 from experiments.step_programs import PAPER_CLASSES
 from experiments.step_tables import (
@@ -64,7 +66,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("memory_batch", 64, "Global batch of the memory table.")
   flags.DEFINE_bool("skip_memory", False, "Skip the (slow) memory table.")
   flags.DEFINE_enum(
-    "overlap", "deferred", ["none", "deferred"], "parallel.overlap of data / lazy / hybrid."
+    "overlap",
+    base.get_config().parallel.overlap,
+    list(OVERLAPS),
+    "parallel.overlap of data / lazy / hybrid.",
   )
 
 

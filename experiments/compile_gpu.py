@@ -37,6 +37,7 @@ import sys
 from absl import app, flags
 
 from deep_image.parallel.layout_policy import STRATEGIES
+from deep_image.parallel.validation import OVERLAPS
 from experiments.configs import base
 from experiments.gpu_overlap import compile_one, configurations, make_config, report
 from experiments.gpu_target import cuda_missing, h100_devices, setup_hint
@@ -58,7 +59,7 @@ def _define_flags() -> None:
   flags.DEFINE_list(
     "collectives", ["butterfly", "xla"], "parallel.collective of the shard_map strategies."
   )
-  flags.DEFINE_list("overlaps", ["none", "deferred"], "parallel.overlap values.")
+  flags.DEFINE_list("overlaps", list(OVERLAPS), "parallel.overlap values.")
   parallel = base.get_config().parallel
   flags.DEFINE_string("conv", parallel.conv, "parallel.conv of hybrid.")
   flags.DEFINE_float("bucket_mb", parallel.bucket_mb, "parallel.bucket_mb.")

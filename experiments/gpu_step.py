@@ -17,6 +17,7 @@ from absl import logging
 from deep_image.analysis.trace import device_kernel_events, overlap_fraction
 from deep_image.models import summary
 from deep_image.models.vgg import make_spec
+from deep_image.parallel.validation import OVERLAPS
 from experiments.step_programs import PAPER_CLASSES, make_config, make_strategy, random_batch
 
 # (label, strategy, collective, conv, overlap)
@@ -27,7 +28,7 @@ CONFIGS = (("gspmd", "gspmd", "xla", "data", "deferred"),) + tuple(
     ("lazy", "lazy", "data"),
     ("hybrid(conv=data)", "hybrid", "data"),
   )
-  for overlap in ("none", "deferred")
+  for overlap in OVERLAPS
 )
 
 
