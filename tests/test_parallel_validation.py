@@ -52,3 +52,23 @@ def test_auto_validates_once_and_lists_what_can_run():
   assert set(plan.runnable) <= set(validation.STRATEGIES) and plan.runnable
   named = validation.validate_parallel_config(tiny(**{"parallel.strategy": "data"}), 8)
   assert named.runnable == ("data",)
+
+
+def test_make_strategy_builds_from_a_plan_without_validating_again(monkeypatch):
+  import jax
+
+  from deep_image.models.vgg import make_model
+  from deep_image.parallel import mesh as mesh_lib
+  from deep_image.parallel import strategies
+  from deep_image.train.optimizer import make_optimizer
+
+  c = tiny(**{"parallel.strategy": "auto"})
+  mesh = mesh_lib.make_mesh(c.parallel, jax.devices()[:8])
+  plan = validation.validate_parallel_config(c, mesh.size)
+  calls = []
+  monkeypatch.setattr(strategies, "validate_parallel_config", lambda *a: calls.append(a))
+  s = strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), mesh, plan=plan)
+  assert s.name in plan.runnable and calls == []
+  with pytest.raises(ValueError, match="plan for 'auto' on 8 devices"):
+    small = mesh_lib.make_mesh(c.parallel, jax.devices()[:4])
+    strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), small, plan=plan)

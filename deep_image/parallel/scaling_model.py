@@ -20,6 +20,12 @@ from deep_image.parallel.cost_model import PAPER_SETUP, Prediction, predict
 PAPER_STRATEGIES = ("hybrid", "data")
 PAPER_ALGORITHM = "butterfly"
 PAPER = {"crossover": 16, "speedup@64": 47.0}  # Minwa, paper section 3.3; shown beside
+# Figure 3's axes: the model, 1..64 GPUs, 64 images per GPU (left; the paper's
+# slices), global mini-batches (right).
+PAPER_MODEL = "scaling_8conv_3fc"
+PAPER_MAX_DEVICES = 64
+PAPER_BATCH_PER_DEVICE = 64
+PAPER_GLOBAL_BATCHES = (256, 512, 1024)
 
 
 def _best(model_name, cluster, n, b, strategies, algorithm, **kw) -> Prediction:
@@ -54,7 +60,7 @@ def speedup(
   return one.time_per_image_s / many.time_per_image_s
 
 
-def device_counts(max_devices: int = 64) -> list[int]:
+def device_counts(max_devices: int = PAPER_MAX_DEVICES) -> list[int]:
   """1, 2, 4, ..., max_devices (Figure 3's x axis)."""
   return [2**i for i in range(int(math.log2(max_devices)) + 1)]
 
@@ -62,10 +68,10 @@ def device_counts(max_devices: int = 64) -> list[int]:
 def crossover(
   model_name: str,
   cluster: str | Cluster,
-  batch_per_device: int = 64,
+  batch_per_device: int = PAPER_BATCH_PER_DEVICE,
   *,
   algorithm: str = PAPER_ALGORITHM,
-  max_devices: int = 64,
+  max_devices: int = PAPER_MAX_DEVICES,
   **kw,
 ) -> int:
   """The GPU count above which data parallelism beats hybrid (paper: 16).
@@ -87,11 +93,11 @@ def crossover(
 
 def predict_rows(
   preset: str | Cluster,
-  model: str = "scaling_8conv_3fc",
+  model: str = PAPER_MODEL,
   *,
-  max_devices: int = 64,
-  batch_per_device: int = 64,
-  global_batches: tuple[int, ...] = (256, 512, 1024),
+  max_devices: int = PAPER_MAX_DEVICES,
+  batch_per_device: int = PAPER_BATCH_PER_DEVICE,
+  global_batches: tuple[int, ...] = PAPER_GLOBAL_BATCHES,
   algorithms: tuple[str, ...] = (PAPER_ALGORITHM,),
   strategies: tuple[str, ...] = PAPER_STRATEGIES,
   **kw,
@@ -149,7 +155,7 @@ def _utilisation_for(model: str, cl: Cluster, target: float) -> float | None:
   return (lo + hi) / 2
 
 
-def report(preset: str, model: str = "scaling_8conv_3fc") -> str:
+def report(preset: str, model: str = PAPER_MODEL) -> str:
   """What `python -m experiments.scaling --model_only --preset=PRESET` prints.
 
   A table per GPU count 1..64: time per image and speedup of hybrid and data
@@ -160,8 +166,8 @@ def report(preset: str, model: str = "scaling_8conv_3fc") -> str:
   `crossover: G` and `speedup@64: X.Xx` (butterfly, the paper's algorithm).
   """
   cl = get_cluster(preset)
-  gpus = device_counts(64)
-  b = 64
+  gpus = device_counts(PAPER_MAX_DEVICES)
+  b = PAPER_BATCH_PER_DEVICE
   one = predict(model, "data", PAPER_ALGORITHM, 1, b, cl)
   lines = [
     f"cost model: {model} on {cl.name} ({cl.description})",
@@ -176,14 +182,14 @@ def report(preset: str, model: str = "scaling_8conv_3fc") -> str:
     f"{'GPUs':>4} | {'ms/image (slices=64)':^21} | {'speedup (slices=64)':^19} | "
     f"{'GB sent / GPU / step':^20} | speedup, mini-batch",
     f"{'':>4} | {'hybrid':>10} {'data':>10} | {'hybrid':>9} {'data':>9} | "
-    f"{'hybrid':>9} {'data':>10} | {'256':>6} {'512':>6} {'1024':>6}",
+    f"{'hybrid':>9} {'data':>10} | " + " ".join(f"{g:>6}" for g in PAPER_GLOBAL_BATCHES),
   ]
   for g in gpus:
     h = predict(model, "hybrid", PAPER_ALGORITHM, g, b, cl)
     d = predict(model, "data", PAPER_ALGORITHM, g, b, cl)
     right = [
       f"{speedup(model, cl, g, batch):6.1f}" if batch % g == 0 else f"{'-':>6}"
-      for batch in (256, 512, 1024)
+      for batch in PAPER_GLOBAL_BATCHES
     ]
     lines.append(
       f"{g:>4} | {h.time_per_image_s * 1e3:>10.4g} {d.time_per_image_s * 1e3:>10.4g} | "
