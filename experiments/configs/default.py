@@ -25,6 +25,8 @@ import ml_collections
 
 from experiments.configs import base
 
+# Copies of deep_image.parallel's lists (layout_policy.STRATEGIES, collectives.ALGORITHMS):
+# their modules import JAX and config files import none. tests/test_configs.py holds them equal.
 STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
 COLLECTIVES = ("butterfly", "ring", "direct", "xla")
 
