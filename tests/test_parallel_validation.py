@@ -69,6 +69,6 @@ def test_make_strategy_builds_from_a_plan_without_validating_again(monkeypatch):
   monkeypatch.setattr(strategies, "validate_parallel_config", lambda *a: calls.append(a))
   s = strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), mesh, plan=plan)
   assert s.name in plan.runnable and calls == []
-  with pytest.raises(ValueError, match="plan for 'auto' on 8 devices"):
+  with pytest.raises(ValueError, match=r"plan for 'auto' on mesh axes \{'data': 8\}"):
     small = mesh_lib.make_mesh(c.parallel, jax.devices()[:4])
     strategies.make_strategy(c, make_model(c.model), make_optimizer(c.train), small, plan=plan)

@@ -83,9 +83,9 @@ def make_strategy(
 ) -> Strategy:
   """The strategy named by `config.parallel.strategy` on `mesh`.
 
-  plan: what `validation.validate_parallel_config(config, mesh.size)` returned
-  for this config (e.g. by preflight); None: validate here. Either way the
-  config is validated once.
+  plan: what `validation.validate_parallel_config(config, num_devices)` returned
+  for this config and this mesh's axes (e.g. by preflight); None: validate here.
+  Either way the config is validated once.
 
   'auto' builds the strategy `choose_strategy` predicts fastest among
   `plan.runnable` (logged with the predicted step times); the strategy gets a
@@ -97,10 +97,10 @@ def make_strategy(
   """
   if plan is None:
     plan = validate_parallel_config(config, mesh.size)
-  elif plan.num_devices != mesh.size or plan.strategy != config.parallel.strategy:
+  elif plan.axis_sizes != dict(mesh.shape) or plan.strategy != config.parallel.strategy:
     raise ValueError(
-      f"plan for {plan.strategy!r} on {plan.num_devices} devices given for "
-      f"parallel.strategy={config.parallel.strategy!r} on a mesh of {mesh.size}"
+      f"plan for {plan.strategy!r} on mesh axes {plan.axis_sizes} given for "
+      f"parallel.strategy={config.parallel.strategy!r} on mesh axes {dict(mesh.shape)}"
     )
   name = config.parallel.strategy
   if name == AUTO:
