@@ -20,8 +20,7 @@ import pytest
 from conftest import TINY_JOB_FLAGS, run_cli, train_cli
 
 from deep_image.parallel.mesh import PATIENT_COLLECTIVES
-from deep_image.train.checkpoint import unreadable_reason
-
+from deep_image.train.checkpoint_damage import unreadable_reason
 from deep_image.train.metrics import read_metrics
 
 JOB = (

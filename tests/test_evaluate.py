@@ -192,7 +192,9 @@ def test_evaluate_ensemble_and_predict_end_to_end(tmp_path):
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
   assert "bomb.png" in last and "MAX_IMAGE_PIXELS" in last and "400000000 pixels" in last
   # No class to list: refused before any model is loaded (it printed an empty table).
-  done = run_cli("experiments.predict", f"--workdirs={low}", f"--image={tmp_path / 'scene.png'}", "--k=0")
+  done = run_cli(
+    "experiments.predict", f"--workdirs={low}", f"--image={tmp_path / 'scene.png'}", "--k=0"
+  )
   assert done.returncode == 1 and "| rank" not in done.stdout
   assert done.stderr.strip().splitlines()[-1] == (
     "config error: --k=0: expected how many classes to list, at least 1"
@@ -209,7 +211,9 @@ def _write_blank_png(path, width, height):
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
   header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+  path.write_bytes(
+    b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+  )
 
 
 def test_scripts_refuse_what_they_cannot_evaluate(tmp_path):

@@ -109,7 +109,9 @@ def test_a_negative_learning_rate_stops_the_run_before_step_1(tmp_path):
   # It used to train, the loss climbing until it was no longer finite.
   done = train_cli(tmp_path, "--config.train.learning_rate=-1")
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-  assert done.stderr.strip().splitlines()[-1] == "config error: train.learning_rate=-1.0 must be > 0"
+  assert (
+    done.stderr.strip().splitlines()[-1] == "config error: train.learning_rate=-1.0 must be > 0"
+  )
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 

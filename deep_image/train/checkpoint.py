@@ -52,10 +52,12 @@ start). A writable Checkpointer moves a damaged step to
 folders, so neither resume nor retention sees it), which also frees the step
 number for the run to save again. Damage is found by the restore itself (no
 second read of the arrays) plus a comparison of the meta's stored shapes with
-Orbax's array metadata; only the reading errors of TensorStore / JSON / the
-file system count, anything else is a bug and propagates. In a multi-process
-run every process votes after each read (all must have read it), so all agree
-on the step; only process 0 moves folders.
+Orbax's array metadata; what counts as damage, and how the processes of a
+multi-process run agree on it after each read, is `checkpoint_damage`. Only
+process 0 moves folders.
+
+One concept at ~500 lines: the life of a run's checkpoints (save, what is kept,
+restore into any layout, the fallback past damaged ones).
 """
 
 from __future__ import annotations
@@ -64,13 +66,11 @@ import json
 import logging as std_logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -81,6 +81,13 @@ from orbax.checkpoint import checkpoint_managers
 
 from deep_image.config_error import ConfigError
 from deep_image.parallel.train_state import PendingUpdate, TrainState
+from deep_image.train.checkpoint_damage import (
+  DamagedCheckpoint,
+  Unreadable,
+  agree,
+  tolerant,
+  unreadable_reason,
+)
 from deep_image.train.workdir import CHECKPOINTS_DIR, DAMAGED_DIR
 
 # Fields that fix the shapes and the meaning of the saved state: a checkpoint
@@ -97,118 +104,6 @@ RESUME_FIELDS = (
 
 class IncompatibleCheckpoint(ConfigError):
   """A checkpoint that cannot restore into the current config (names the field)."""
-
-
-class DamagedCheckpoint(ConfigError):
-  """A checkpoint whose files cannot be read back (names the step and what is wrong)."""
-
-
-# TensorStore's status codes for files that are missing, cut short or corrupt. Others
-# (INVALID_ARGUMENT: e.g. a requested shape or dtype that does not fit) are our bugs.
-_TENSORSTORE_READ_FAILURES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-  text = text.split(" [tensorstore_spec")[0].splitlines()[0] if text else text
-  return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def unreadable_reason(error: BaseException) -> str | None:
-  """What is wrong with the files, when `error` is a failure to read them; None otherwise.
-
-  Orbax wraps TensorStore's error of an array read in a bare Exception whose cause is
-  TensorStore's ValueError ('OUT_OF_RANGE: Error reading ...').
-  """
-  if type(error) is Exception and str(error).startswith("Encountered error while reading"):
-    error = error.__cause__ or error
-  if isinstance(error, json.JSONDecodeError):
-    return f"not JSON ({error.msg} at line {error.lineno} column {error.colno})"
-  if isinstance(error, UnicodeDecodeError):
-    return f"not text ({error.reason})"
-  if isinstance(error, OSError):
-    return _first_line(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
-  if isinstance(error, ValueError):
-    text = str(error)
-    if text.startswith(_TENSORSTORE_READ_FAILURES) or (
-      text.startswith("File ") and text.endswith("does not exist.")  # Grain's input item
-    ):
-      return _first_line(text)
-  return None
-
-
-class _Unreadable:
-  """What a handler's restore returns instead of raising a read failure (`_Tolerant`)."""
-
-  def __init__(self, reason: str):
-    self.reason = reason
-
-
-def _tolerant(handler):
-  """`handler` (an item's Orbax handler), whose restore returns `_Unreadable` instead of
-  raising when its files cannot be read, so that every process still reaches Orbax's
-  barrier after the restore (a process that raised would leave the others waiting there)
-  and all can then vote on the step. Any other error propagates. (The instance's method is
-  replaced: Orbax finds a handler's argument types by its exact class.)"""
-  read = handler.restore
-
-  def restore(*args, **kwargs):
-    try:
-      return read(*args, **kwargs)
-    except Exception as e:  # narrowed: only read failures are kept, the rest re-raised
-      reason = unreadable_reason(e)
-      if reason is None:
-        raise
-      _silence_closed_loop_callbacks()
-      return _Unreadable(reason)
-
-  handler.restore = restore
-  return handler
-
-
-def _silence_closed_loop_callbacks() -> None:
-  """Drop the "Event loop is closed" RuntimeErrors of a failed array restore.
-
-  When one read of a restore fails, Orbax's event loop closes while TensorStore still
-  completes the other reads; each completion's callback then fails on the closed loop,
-  reported as an unraisable exception: thousands of traceback lines, mostly at exit.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook.drops_closed_loop = True
-  sys.unraisablehook = hook
-
-
-_REASON_BYTES = 512  # of a damage reason sent to the other processes
-
-
-def _agree(reason: str | None) -> str | None:
-  """This process's reason, or another's ('process i: ...'); None only when every process
-  read its part.
-
-  A damaged file may be read by one process only (its shards); every process must then
-  treat the step as damaged, or they would restore different steps.
-  """
-  if jax.process_count() == 1:
-    return reason
-  text = (reason or "").encode()[:_REASON_BYTES]
-  row = np.zeros(1 + _REASON_BYTES, np.uint8)
-  row[0] = reason is not None
-  row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
-  rows = np.asarray(multihost_utils.process_allgather(row))  # [processes, 1 + _REASON_BYTES]
-  if reason is not None:
-    return reason
-  for i, other in enumerate(rows):
-    if other[0]:
-      return f"process {i}: " + bytes(other[1:]).rstrip(b"\0").decode(errors="replace")
-  return None
 
 
 def _field(config_dict: dict, dotted: str) -> Any:
@@ -327,9 +222,9 @@ class Checkpointer:
       self.directory,
       options=options,
       item_handlers={
-        "state": _tolerant(ocp.StandardCheckpointHandler()),
-        "input": _tolerant(grain.checkpoint.CheckpointHandler()),
-        "meta": _tolerant(ocp.JsonCheckpointHandler()),
+        "state": tolerant(ocp.StandardCheckpointHandler()),
+        "input": tolerant(grain.checkpoint.CheckpointHandler()),
+        "meta": tolerant(ocp.JsonCheckpointHandler()),
       },
     )
     self.read_only = read_only
@@ -354,11 +249,11 @@ class Checkpointer:
     """The step's meta item (DamagedCheckpoint when it cannot be read)."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     reason = None
-    if isinstance(meta, _Unreadable):
+    if isinstance(meta, Unreadable):
       reason = f"meta: {meta.reason}"
     elif not (isinstance(meta, dict) and isinstance(meta.get("stored_shapes"), list)):
       reason = "meta: JSON, but not a checkpoint's meta (no stored_shapes)"
-    reason = _agree(reason)
+    reason = agree(reason)
     if reason is not None:
       raise DamagedCheckpoint(
         f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"
@@ -520,7 +415,7 @@ class Checkpointer:
   def _read(self, step: int, item: str, args) -> Any:
     """One item of the step, read on every process; DamagedCheckpoint when any could not."""
     value = self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
-    reason = _agree(f"{item}: {value.reason}" if isinstance(value, _Unreadable) else None)
+    reason = agree(f"{item}: {value.reason}" if isinstance(value, Unreadable) else None)
     if reason is not None:
       raise DamagedCheckpoint(
         f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"
@@ -558,7 +453,7 @@ class Checkpointer:
             f"{list(by_path[key])}"
           )
           break
-    reason = _agree(reason)
+    reason = agree(reason)
     if reason is not None:
       raise DamagedCheckpoint(
         f"checkpoint of step {step} ({self.step_dir(step)}) is damaged: {reason}"

@@ -22,7 +22,8 @@ from deep_image.evaluate.accuracy import Evaluator
 from deep_image.models.vgg import VGG, make_model
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import strategies
-from deep_image.train.checkpoint import Checkpointer, DamagedCheckpoint
+from deep_image.train.checkpoint import Checkpointer
+from deep_image.train.checkpoint_damage import DamagedCheckpoint
 from deep_image.train.optimizer import make_optimizer
 from deep_image.train.run_config import read_run_config
 from deep_image.train.workdir import CHECKPOINTS_DIR
