@@ -6,7 +6,11 @@ r"""Train a Deep Image model.
 Rerunning the same command resumes from the latest checkpoint in --workdir
 (`resumed from step N`); a finished workdir is left as it is. SIGTERM saves a
 checkpoint and exits 0. A config that cannot run stops before the first step
-with one line naming the field.
+with one line naming the field, and so does a second trainer on a --workdir that
+another one is training (it names the holder: host, pid, start time); a failed
+start leaves the workdir as it was. A full disk is one line naming the path and
+the free bytes (the last complete checkpoint is kept). Every file of a workdir:
+`deep_image/train/workdir.py`.
 
 On a CPU-only machine, unless XLA_FLAGS already sets
 --xla_force_host_platform_device_count, the run simulates
