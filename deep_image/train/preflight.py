@@ -175,11 +175,19 @@ def preflight(config, workdir: str, num_devices: int, process_count: int | None 
   return Plan(train_source, eval_source, sampling_space, schedule, parallel)
 
 
+# What a checkpoint holds beside its arrays (Orbax's OCDBT manifests and metadata, the meta
+# JSON with the config, the input state): 56-81 KB measured for vgg_tiny's 8-device
+# checkpoints (data / lazy / hybrid: 108-134 KB on disk for 52 KB of arrays), rounded up.
+CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+
+
 def checkpoint_bytes(abstract_state) -> int:
-  """Bytes of one checkpoint's arrays: the state's leaves (global shapes) at their dtypes."""
-  return sum(
+  """Bytes of one checkpoint: the state's leaves (global shapes) at their dtypes, plus
+  CHECKPOINT_OVERHEAD_BYTES."""
+  arrays = sum(
     math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state)
   )
+  return arrays + CHECKPOINT_OVERHEAD_BYTES
 
 
 def check_room_for_checkpoint(workdir: str, abstract_state) -> None:
