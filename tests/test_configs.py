@@ -170,13 +170,3 @@ def test_library_code_reads_config_fields_directly():
     if _CONFIG_GET.search(line)
   ]
   assert offenders == []
-
-
-def test_the_sweeps_run_the_librarys_strategies_and_algorithms():
-  # Config files import no JAX (tests/test_pipeline.py imports them with `import jax`
-  # failing), and the library's lists live in modules that do: default.py keeps copies,
-  # held to the library's here.
-  from deep_image.parallel import collectives, layout_policy
-
-  assert default.STRATEGIES == layout_policy.STRATEGIES
-  assert default.COLLECTIVES == collectives.ALGORITHMS

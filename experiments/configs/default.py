@@ -25,12 +25,6 @@ import ml_collections
 
 from experiments.configs import base
 
-# Copies of deep_image.parallel's lists (layout_policy.STRATEGIES, collectives.ALGORITHMS):
-# their modules import JAX and config files import none. tests/test_configs.py holds them equal.
-STRATEGIES = ("gspmd", "data", "lazy", "hybrid")
-COLLECTIVES = ("butterfly", "ring", "direct", "xla")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The digits job; `arg`: comma-separated variants of base.py ('tiny')."""
   c = base.get_config()
@@ -41,11 +35,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def sweep_strategies(config: ml_collections.ConfigDict) -> list[dict[str, object]]:
   """One point per parallel strategy."""
+  # Imported here, not at the top: the library's lists live in modules that import JAX,
+  # and loading a config file imports no JAX (tests/test_pipeline.py). A sweep trains anyway.
+  from deep_image.parallel.layout_policy import STRATEGIES
+
   del config
   return [{"parallel.strategy": s} for s in STRATEGIES]
 
 
 def sweep_collectives(config: ml_collections.ConfigDict) -> list[dict[str, object]]:
   """One point per collective algorithm of the hand-written strategies."""
+  from deep_image.parallel.collectives import ALGORITHMS  # as in sweep_strategies
+
   del config
-  return [{"parallel.collective": a} for a in COLLECTIVES]
+  return [{"parallel.collective": a} for a in ALGORITHMS]
