@@ -157,12 +157,12 @@ def report_markdown(data: dict) -> str:
     out += ["### Hybrid against data parallelism: bytes sent per device", ""] + cross + [""]
   if data.get("cost_model"):
     out += ["### Cost model against the compiled programs: bytes sent per device", "",
-            "`deep_image.parallel.cost_model.compare_bytes` (cluster h100 for the H100 rows, "
+            "`deep_image.parallel.scaling_model.compare_bytes` (cluster h100 for the H100 rows, "
             "cpu for the others; activations of the rows' dtype):", "",
             cost_model_markdown(data["cost_model"]), ""]  # fmt: skip
   if data.get("cost_model_time"):
     out += ["### Cost model against the measured step times", "",
-            "`deep_image.parallel.cost_model.compare_step` with the `cpu` cluster (the N "
+            "`deep_image.parallel.scaling_model.compare_step` with the `cpu` cluster (the N "
             "simulated devices share the host's FLOP/s, memory and copies; its one fitted number, "
             "the utilisation 0.11, is the model FLOP rate that gspmd / 8-conv / N=8 reached "
             "(18 GFLOP/s of 160; update and copies inside), so that row is not independent):", "",
