@@ -29,10 +29,10 @@ def tiny_config(**overrides):
   """`experiments/configs/default.py:tiny` with dotted-field overrides.
 
   E.g. `tiny_config(**{"train.num_steps": 4, "data.augment.crop_size": 12})`; an unknown
-  field is an error (`experiments.sweep.apply_overrides`, what sweep points use).
+  field is an error (`deep_image.train.sweep.apply_overrides`, what sweep points use).
   """
+  from deep_image.train.sweep import apply_overrides
   from experiments.configs import default
-  from experiments.sweep import apply_overrides
 
   return apply_overrides(default.get_config("tiny"), overrides)
 

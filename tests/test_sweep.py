@@ -1,4 +1,5 @@
-"""experiments.sweep: point names and overrides, resumable runs, summaries; one real tiny sweep."""
+"""deep_image.train.sweep and its main experiments.sweep: point names and overrides, resumable
+runs, summaries; one real tiny sweep."""
 
 import json
 import logging
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from deep_image.data import pipeline
-from experiments import sweep
+from deep_image.train import sweep
 from experiments.configs import default, table2
 
 CONFIG = "experiments/configs/default.py"
