@@ -1,4 +1,4 @@
-"""metrics.jsonl and TensorBoard files across resumes, the tolerant reader, the plot script."""
+"""metrics.jsonl and TensorBoard files across resumes, the tolerant reader, the training curves."""
 
 import json
 import os
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from deep_image.train import metrics
+from deep_image.train import curves, metrics
 from deep_image.train.metrics import MetricsWriter, read_metrics
-from experiments import plot
 
 
 def write_run(workdir, steps, *, resume_step=0, loss_offset=0.0, eval_every=5):
@@ -133,12 +132,12 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 def test_plot_two_runs(tmp_path):
   write_run(tmp_path / "a" / "run", range(1, 21))
   write_run(tmp_path / "b" / "run", range(1, 11), loss_offset=0.5)
-  assert plot.run_labels([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == [
+  assert curves.run_labels([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == [
     "a/run",
     "b/run",
   ]
   out = tmp_path / "curves.png"
-  plot.plot_runs([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")], str(out))
+  curves.plot_runs([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")], str(out))
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
@@ -146,7 +145,7 @@ def test_plot_missing_metrics_names_the_directory(tmp_path):
   write_run(tmp_path / "good", range(1, 6))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl in workdir .*empty"):
-    plot.plot_runs([str(tmp_path / "good"), str(tmp_path / "empty")], str(tmp_path / "x.png"))
+    curves.plot_runs([str(tmp_path / "good"), str(tmp_path / "empty")], str(tmp_path / "x.png"))
   assert not (tmp_path / "x.png").exists()
 
 
