@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags, logging
 
-from deep_image.data import prepare
+from deep_image.data import image_check, prepare
 
 _SRC = flags.DEFINE_string("src", None, "Image folder: SRC/<class>/<image>, or flat + --labels.")
 _DST = flags.DEFINE_string("dst", None, "Output folder for shards, manifest and report.")
@@ -23,11 +23,11 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shard count; 0: about 256 M
 _LABELS = flags.DEFINE_string("labels", None, "File mapping file name -> class (flat SRC).")
 _CLASSES = flags.DEFINE_string("classes", None, "classes.json fixing label ids (e.g. train's).")
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
-  "max_image_pixels", prepare.DEFAULT_MAX_IMAGE_PIXELS, "Decompression-bomb guard (w * h)."
+  "max_image_pixels", image_check.DEFAULT_MAX_IMAGE_PIXELS, "Decompression-bomb guard (w * h)."
 )
-_MIN_SIDE = flags.DEFINE_integer("min_side", prepare.DEFAULT_MIN_SIDE, "Skip smaller images.")
+_MIN_SIDE = flags.DEFINE_integer("min_side", image_check.DEFAULT_MIN_SIDE, "Skip smaller images.")
 _JPEG_QUALITY = flags.DEFINE_integer(
-  "jpeg_quality", prepare.DEFAULT_JPEG_QUALITY, "Quality of re-encoded JPEGs."
+  "jpeg_quality", image_check.DEFAULT_JPEG_QUALITY, "Quality of re-encoded JPEGs."
 )
 _NUM_WORKERS = flags.DEFINE_integer(
   "num_workers", os.cpu_count() or 1, "Processes decoding files; output does not depend on it."

@@ -12,7 +12,7 @@ import skimage.data
 from PIL import Image
 
 from deep_image.data import array_record_source as ars
-from deep_image.data import prepare
+from deep_image.data import image_check, prepare
 from deep_image.data.sources import decode_image
 
 MAX_PIXELS = 10_000  # Small guard so a 150x150 image plays the decompression bomb.
@@ -274,7 +274,7 @@ def test_permission_denied_is_skipped_even_as_root(tmp_path, monkeypatch):
     raise PermissionError(13, "Permission denied", path)
 
   monkeypatch.setattr(prepare, "open", denied, raising=False)
-  status, reason, _ = prepare._check_file(str(tmp_path), "x.jpg", prepare.CheckOptions())
+  status, reason, _ = prepare._check_file(str(tmp_path), "x.jpg", image_check.CheckOptions())
   assert (status, reason) == ("skip", "unreadable: permission denied")
 
 
@@ -528,13 +528,13 @@ def test_decompression_bomb_guard_between_1x_and_2x(pixels):
       assert str(MAX_PIXELS) in skipped[rel]
   # Same decision without prepare's own limit: Pillow's default applies when none is given.
   big = _save(Image.new("RGB", (101, 100)), "PNG")
-  assert prepare.check_image(big)[1] == ["format PNG -> JPEG"]
+  assert image_check.check_image(big)[1] == ["format PNG -> JPEG"]
 
 
 def test_float_image_is_skipped_with_the_mode():
   data = _save(Image.fromarray(np.zeros((16, 16), np.float32)), "TIFF")
-  with pytest.raises(prepare.SkipImage, match=r"unsupported float image \(mode F\)"):
-    prepare.check_image(data)
+  with pytest.raises(image_check.SkipImage, match=r"unsupported float image \(mode F\)"):
+    image_check.check_image(data)
 
 
 # --------------------------------------------------------------------------- class ids, labels
