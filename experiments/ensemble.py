@@ -8,7 +8,7 @@ at its own eval scale, so a 256 and a 512 model are each tested at their scale) 
 eval split they share; then their posteriors are averaged per image. Prints each model's
 and the fused top-1 / top-5; --out gets {"models": {workdir: {top1, top5, count, step,
 protocol}}, "fused": {top1, top5, count}}. Models must test on the same images (same
-source and split) and predict the same classes.
+source and split) and predict the same classes. The fusion: `deep_image/train/ensemble.py`.
 """
 
 import json
@@ -16,56 +16,19 @@ import os
 
 from absl import app, flags, logging
 
+from deep_image.train.ensemble import ensemble
 from experiments import cli
 from experiments.markdown import table
 
 
 def _define_flags() -> None:
-  # Defined only when run as a script: tests import this module beside other
-  # scripts that define flags of the same names.
+  # Defined only when run as a script, so that importing this module defines no flags.
   flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
   flags.DEFINE_string("protocol", "center", "Test protocol, e.g. dense+flip@256.")
   flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
   flags.DEFINE_string("split", "", "Split to test (default: the first run's eval split).")
   flags.DEFINE_string("out", "", "Write the JSON here.")
   flags.mark_flag_as_required("workdirs")
-
-
-def ensemble(workdirs: list[str], configs: list, protocol_text: str, checkpoint: str, split: str):
-  """Each model's and the fused result: ({workdir: result}, fused result)."""
-  from deep_image.config_error import ConfigError
-  from deep_image.data import pipeline, sources
-  from deep_image.evaluate.accuracy import accuracy, fuse
-  from deep_image.evaluate.protocol import parse_protocol
-  from deep_image.train.trained_model import load_trained_model
-
-  split = split or configs[0].data.eval_split
-  eval_sets = [repr(sources.make_source(c.data, split)) for c in configs]
-  for workdir, eval_set in zip(workdirs[1:], eval_sets[1:], strict=True):
-    if eval_set != eval_sets[0]:
-      raise ConfigError(
-        f"{workdirs[0]} tests on {eval_sets[0]} but {workdir} on {eval_set}: an ensemble "
-        "needs the same eval images"
-      )
-  models, scores, labels = {}, [], None
-  for workdir, config in zip(workdirs, configs, strict=True):
-    protocol = parse_protocol(protocol_text, pipeline.eval_scale(config.data))
-    trained = load_trained_model(workdir, checkpoint)
-    evaluator = trained.evaluator()
-    evaluation = evaluator.run(trained.params, [protocol], split=split)
-    if labels is not None and evaluation.scores[protocol.name].shape != scores[0].shape:
-      raise ConfigError(
-        f"{workdir} predicts {evaluation.scores[protocol.name].shape[1]} classes, "
-        f"{workdirs[0]} {scores[0].shape[1]}: models of an ensemble share their classes"
-      )
-    labels = evaluation.labels
-    scores.append(evaluation.scores[protocol.name])
-    models[workdir] = {
-      **evaluation.results[protocol.name],
-      "step": trained.step,
-      "protocol": protocol.name,
-    }
-  return models, accuracy(fuse(scores), labels)
 
 
 def main(argv):

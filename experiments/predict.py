@@ -7,56 +7,23 @@ The image (any format Pillow reads) is tested like an eval image under --protoco
 (default: the centre crop at each model's eval scale); the table lists, per rank, each
 model's class and posterior and those of the models' averaged posteriors, with the class
 names of the dataset where it has them (classes.json, the generated scenes' shapes). With
---out, also a bar chart of each column's top-k, like the paper's Figure 7.
+--out, also a bar chart of each column's top-k, like the paper's Figure 7. The
+predictions: `deep_image/train/ensemble.py:predict`.
 """
 
-import io
 import os
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, UnidentifiedImageError
 
+from deep_image.config_error import ConfigError
+from deep_image.data.one_image import OneImage
 from experiments import cli
 from experiments.markdown import table
 
 
-class OneImage:
-  """A one-record source: the encoded file as the pipeline's eval input (label unknown: 0)."""
-
-  def __init__(self, path: str):
-    from deep_image.config_error import ConfigError
-
-    if not os.path.isfile(path):
-      raise ConfigError(f"--image={path!r}: no such file")
-    with open(path, "rb") as f:
-      self.data = f.read()
-    try:
-      with Image.open(io.BytesIO(self.data)) as img:
-        img.load()
-    except Image.DecompressionBombError as e:
-      # Raised from the header alone, before any pixel is decoded.
-      raise ConfigError(
-        f"--image={path!r}: refused by Pillow's decompression-bomb guard "
-        f"(PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {e}"
-      ) from e
-    except (UnidentifiedImageError, OSError) as e:
-      raise ConfigError(f"--image={path!r} is not an image Pillow can read: {e}") from e
-    self.path = path
-
-  def __len__(self) -> int:
-    return 1
-
-  def __getitem__(self, index: int) -> dict:
-    return {"image": self.data, "label": 0}
-
-  def __repr__(self) -> str:
-    return f"OneImage({self.path!r})"
-
-
 def _define_flags() -> None:
-  # Defined only when run as a script: tests import this module beside other
-  # scripts that define flags of the same names.
+  # Defined only when run as a script, so that importing this module defines no flags.
   flags.DEFINE_string("workdirs", None, "Comma-separated --workdir of each run.")
   flags.DEFINE_string("image", None, "The image file to classify.")
   flags.DEFINE_integer("k", 20, "How many classes to list.")
@@ -64,40 +31,6 @@ def _define_flags() -> None:
   flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
   flags.DEFINE_string("out", "", "Also draw the top-k bars to this PNG.")
   flags.mark_flags_as_required(["workdirs", "image"])
-
-
-def predict(workdirs, configs, image: OneImage, protocol_text: str, checkpoint: str):
-  """{column name: posteriors float [classes]} for each model and 'fused'; class names."""
-  import jax
-
-  from deep_image.config_error import ConfigError
-  from deep_image.data import pipeline, sources
-  from deep_image.evaluate.accuracy import fuse, posteriors
-  from deep_image.evaluate.protocol import parse_protocol
-  from deep_image.train.trained_model import load_trained_model
-
-  columns, scores = {}, []
-  for workdir, config in zip(workdirs, configs, strict=True):
-    protocol = parse_protocol(protocol_text, pipeline.eval_scale(config.data))
-    trained = load_trained_model(workdir, checkpoint)
-    # One image, padded to one row per device.
-    evaluation = trained.evaluator(global_batch_size=jax.device_count()).run(
-      trained.params, [protocol], split="-", source=image
-    )
-    score = evaluation.scores[protocol.name]
-    if scores and score.shape != scores[0].shape:
-      raise ConfigError(f"{workdir} predicts {score.shape[1]} classes, {workdirs[0]} another count")
-    scores.append(score)
-    columns[f"{workdir} ({protocol.name})"] = posteriors(score[0])
-  if len(scores) > 1:
-    columns["fused"] = posteriors(fuse(scores)[0])
-  try:
-    names = sources.make_source(configs[0].data, configs[0].data.eval_split).class_names
-  except (AttributeError, OSError, ValueError) as e:  # e.g. a dataset no longer on this host
-    logging.warning("no class names (%s): showing class ids", e)
-    names = None
-  names = list(names) if names else [str(i) for i in range(len(scores[0][0]))]
-  return columns, names
 
 
 def topk_table(columns: dict, names: list[str], k: int) -> str:
@@ -135,12 +68,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if flags.FLAGS.k < 1:
-    from deep_image.config_error import ConfigError
-
     raise ConfigError(f"--k={flags.FLAGS.k}: expected how many classes to list, at least 1")
   workdirs = cli.split_list(flags.FLAGS.workdirs, "workdirs")
   configs = cli.configure_devices_for_runs(workdirs)
   image = OneImage(flags.FLAGS.image)
+  from deep_image.train.ensemble import predict  # imports JAX: after the device count is set
+
   columns, names = predict(workdirs, configs, image, flags.FLAGS.protocol, flags.FLAGS.checkpoint)
   print(f"{flags.FLAGS.image}:\n")
   print(topk_table(columns, names, flags.FLAGS.k))

@@ -221,8 +221,8 @@ def test_scripts_refuse_what_they_cannot_evaluate(tmp_path):
   assert done.returncode == 1
   assert done.stderr.splitlines()[-1].startswith("config error:") and "config.json" in done.stderr
   # An ensemble of models tested on different images (digits vs generated scenes).
+  from deep_image.train.ensemble import ensemble
   from experiments.configs import default
-  from experiments.ensemble import ensemble
 
   configs = [default.get_config("tiny"), highres.get_config("tiny")]
   with pytest.raises(ConfigError, match="the same eval images"):
