@@ -1,20 +1,21 @@
-"""experiments.reproduce end to end on its tiny variants: three runs, tables, figure, rerun."""
+"""experiments.reproduce end to end on its tiny variants (three runs, tables, figure, rerun);
+experiments.reproduction's protocols at a model's scale."""
 
 import json
 
 from conftest import run_cli
 
-from experiments import reproduce
+from experiments import reproduction
 
 
 def test_protocol_scales_bracket_the_training_scale():
-  assert reproduce.protocol_names(48) == {
+  assert reproduction.protocol_names(48) == {
     "centre crop": "center@48",
     "dense": "dense@48",
     "dense + flip": "dense+flip@48",
     "dense + flip + 3 scales": "dense+flip@40,48,56",
   }
-  assert reproduce.protocol_names(96)["dense + flip + 3 scales"] == "dense+flip@80,96,112"
+  assert reproduction.protocol_names(96)["dense + flip + 3 scales"] == "dense+flip@80,96,112"
 
 
 def test_reproduce_tiny_writes_tables_and_figure_and_reruns_the_same(tmp_path):
@@ -24,9 +25,9 @@ def test_reproduce_tiny_writes_tables_and_figure_and_reruns_the_same(tmp_path):
     results = json.load(f)
   assert set(results["runs"]) == {"low", "high", "low_noaug"}
   assert results["runs"]["high"]["train_scale"] == 2 * results["runs"]["low"]["train_scale"]
-  assert set(results["fused"]) == set(reproduce.FUSED)
+  assert set(results["fused"]) == set(reproduction.FUSED)
   for name in ("low", "high"):
-    assert set(results["protocols"][name]) == {label for label, _ in reproduce.PROTOCOLS}
+    assert set(results["protocols"][name]) == {label for label, _ in reproduction.PROTOCOLS}
   gap = results["gap"]["low"]
   assert gap["gap"] == gap["train_top1"] - gap["validation_top1"]
   table = (tmp_path / "results.md").read_text()
