@@ -6,7 +6,7 @@ import os
 
 from conftest import run_cli
 
-from experiments.export_images import folder_name
+from deep_image.data.image_folder_export import folder_name
 
 HIGHRES_TINY = "--config=experiments/configs/highres.py:tiny"
 
