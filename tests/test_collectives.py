@@ -1,6 +1,11 @@
 """Hand-written collectives against the lax builtins, values, gradients and traffic."""
 
+import math
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,11 @@ from jax import lax
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
+from deep_image.analysis import bytes_sent
 from deep_image.parallel import collectives
+from deep_image.parallel.mesh import PATIENT_COLLECTIVES
+
+TESTS = pathlib.Path(__file__).resolve().parent
 
 HAND_WRITTEN = ("butterfly", "ring", "direct")
 
@@ -34,25 +43,37 @@ def _rank_coded(n, rows, cols=3):
   return jnp.asarray((dev + row + noise).reshape(n * rows, cols).astype(np.float32))
 
 
-CASES = [(a, n) for a in HAND_WRITTEN for n in (1, 2, 4, 8)] + [
-  (a, n) for a in HAND_WRITTEN for n in (3, 6)
+# Butterfly on every count the 8 simulated devices allow; counts above 8 run in
+# one subprocess (`test_butterfly_on_more_devices_than_conftest_gives`).
+BUTTERFLY_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8)
+LARGE_COUNTS = (10, 11, 12)
+CASES = [("butterfly", n) for n in BUTTERFLY_COUNTS] + [
+  (a, n) for a in ("ring", "direct") for n in (1, 2, 3, 4, 6, 8)
 ]
 
 
-@pytest.mark.parametrize("algorithm,n", CASES)
-def test_reduce_scatter_matches_psum_scatter(algorithm, n):
+def check_reduce_scatter(algorithm, n):
   x = _rank_coded(n, rows=2 * n)
   got = _run(lambda b: collectives.reduce_scatter(b, "x", algorithm=algorithm), n, x)
   want = _run(lambda b: lax.psum_scatter(b, "x", scatter_dimension=0, tiled=True), n, x)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("algorithm,n", CASES)
-def test_all_gather_matches_lax(algorithm, n):
+def check_all_gather(algorithm, n):
   x = _rank_coded(n, rows=2)
   got = _run(lambda b: collectives.all_gather(b, "x", algorithm=algorithm), n, x)
   want = _run(lambda b: lax.all_gather(b, "x", axis=0, tiled=True), n, x)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("algorithm,n", CASES)
+def test_reduce_scatter_matches_psum_scatter(algorithm, n):
+  check_reduce_scatter(algorithm, n)
+
+
+@pytest.mark.parametrize("algorithm,n", CASES)
+def test_all_gather_matches_lax(algorithm, n):
+  check_all_gather(algorithm, n)
 
 
 @pytest.mark.parametrize("algorithm,n", [(a, n) for a in HAND_WRITTEN for n in (2, 6, 8)])
@@ -63,8 +84,7 @@ def test_all_reduce_of_odd_shape_is_psum(algorithm, n):
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("algorithm,n", [(a, n) for a in HAND_WRITTEN for n in (4, 6)])
-def test_gradients_match_lax(algorithm, n):
+def check_gradients(algorithm, n):
   """d/dx of sum(w * collective(x)) through our VJPs equals the builtins' autodiff."""
   x = _rank_coded(n, rows=2 * n)
   w = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape).astype(np.float32))
@@ -93,6 +113,16 @@ def test_gradients_match_lax(algorithm, n):
   np.testing.assert_allclose(ours, builtin, rtol=1e-5, atol=1e-4)
 
 
+GRADIENT_CASES = [("butterfly", n) for n in BUTTERFLY_COUNTS if n > 1] + [
+  (a, n) for a in ("ring", "direct") for n in (4, 6)
+]
+
+
+@pytest.mark.parametrize("algorithm,n", GRADIENT_CASES)
+def test_gradients_match_lax(algorithm, n):
+  check_gradients(algorithm, n)
+
+
 def test_indivisible_leading_dimension_is_a_clear_error():
   x = jnp.zeros((4 * 5, 3))  # 5 rows per device, 4 devices
   with pytest.raises(ValueError, match=r"leading dimension 5 .* does not divide over the 4"):
@@ -104,9 +134,95 @@ def test_unknown_algorithm_is_a_clear_error():
     _run(lambda b: collectives.all_gather(b, "x", algorithm="tree"), 2, jnp.zeros((4, 3)))
 
 
-def test_butterfly_falls_back_to_ring_off_powers_of_two():
-  assert collectives.resolve_algorithm("butterfly", 6) == "ring"
-  assert collectives.resolve_algorithm("butterfly", 8) == "butterfly"
+def test_every_algorithm_runs_on_any_device_count():
+  for algorithm in collectives.ALGORITHMS:
+    collectives.check_algorithm(algorithm)
+  with pytest.raises(ValueError, match="parallel.collective='tree'"):
+    collectives.check_algorithm("tree")
+
+
+def _chunks(n, kind="reduce_scatter"):
+  return [r.chunks for r in collectives.butterfly_rounds(n, kind)]
+
+
+def test_butterfly_rounds_are_the_docstring_table():
+  """The module docstring's examples, and its rules for every N up to 300."""
+  assert _chunks(8) == [4, 2, 1]
+  assert _chunks(6) == [3, 1, 1]
+  assert _chunks(12) == [6, 3, 1, 1]
+  assert _chunks(5) == [2, 1, 1]
+  assert _chunks(7) == [3, 2, 1]
+  assert _chunks(144) == [72, 36, 18, 9, 4, 2, 1, 1]
+  assert [(r.how, r.distance) for r in collectives.butterfly_rounds(12)] == [
+    ("xor", 1), ("xor", 2), ("shift", 4), ("shift", 8)
+  ]  # fmt: skip
+  assert [(r.how, r.distance) for r in collectives.butterfly_rounds(12, "all_gather")] == [
+    ("shift", -8), ("shift", -4), ("xor", 2), ("xor", 1)
+  ]  # fmt: skip
+  for n in range(1, 301):
+    rounds = collectives.butterfly_rounds(n)
+    assert len(rounds) == math.ceil(math.log2(n)), n  # within ceil(log2 N) + 2
+    assert sum(r.chunks for r in rounds) == n - 1, n  # (N-1)/N of the buffer
+    # The largest message goes to the nearest partner: distances grow, messages shrink.
+    assert [r.chunks for r in rounds] == sorted((r.chunks for r in rounds), reverse=True), n
+    assert [abs(r.distance) for r in rounds] == sorted(abs(r.distance) for r in rounds), n
+    assert _chunks(n, "all_gather") == _chunks(n)[::-1], n
+
+
+def _lowered(fn, n, elements):
+  x = jnp.zeros((n * elements,), jnp.float32)
+  mapped = jax.shard_map(fn, mesh=_mesh(n), in_specs=P("x"), out_specs=P("x"), check_vma=False)
+  return jax.jit(mapped).lower(x)
+
+
+def check_butterfly_traffic(n):
+  """Rounds (permutes of the lowered program) and bytes per device per round (compiled)."""
+  c = 16  # elements per chunk, float32
+  for kind, fn, elements in (
+    ("reduce_scatter", lambda b: collectives.reduce_scatter(b, "x"), n * c),
+    ("all_gather", lambda b: collectives.all_gather(b, "x"), c),
+  ):
+    lowered = _lowered(fn, n, elements)
+    rounds = lowered.as_text().count("stablehlo.collective_permute")
+    assert rounds <= math.ceil(math.log2(n)) + 2, (kind, n, rounds)
+    assert rounds == len(collectives.butterfly_rounds(n, kind)), (kind, n, rounds)
+    ops = bytes_sent.collective_ops(lowered.compile().as_text(), n)
+    assert {op.kind for op in ops} == {"collective-permute"}, (kind, n)
+    sent = sorted(op.sent for op in ops)
+    table = sorted(4.0 * c * r.chunks for r in collectives.butterfly_rounds(n, kind))
+    assert sent == table, (kind, n, sent, table)
+    assert sum(sent) == (n - 1) / n * (4 * n * c), (kind, n)
+
+
+@pytest.mark.parametrize("n", [n for n in BUTTERFLY_COUNTS if n > 1])
+def test_butterfly_rounds_and_bytes_in_the_compiled_program(n):
+  check_butterfly_traffic(n)
+
+
+def check_large_counts():
+  """Every butterfly check on LARGE_COUNTS (run by a process with 12 devices)."""
+  for n in LARGE_COUNTS:
+    check_reduce_scatter("butterfly", n)
+    check_all_gather("butterfly", n)
+    check_gradients("butterfly", n)
+    check_butterfly_traffic(n)
+    print(f"butterfly ok on {n} devices", flush=True)
+
+
+def test_butterfly_on_more_devices_than_conftest_gives():
+  """LARGE_COUNTS in one subprocess: the device count is fixed when JAX starts."""
+  count = max(LARGE_COUNTS)
+  script = "import test_collectives as t; t.check_large_counts()"
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"{PATIENT_COLLECTIVES} --xla_force_host_platform_device_count={count}",
+    PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split("\n")[:-1] == [f"butterfly ok on {n} devices" for n in LARGE_COUNTS]
 
 
 _PERMUTE = re.compile(r"= f32\[([\d,]*)\]\S* collective-permute\(")
@@ -123,7 +239,7 @@ def _bytes_sent_per_device(fn, n, elements):
 
 
 @pytest.mark.parametrize("algorithm", HAND_WRITTEN)
-@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("n", [4, 6, 8])
 def test_all_reduce_sends_the_bandwidth_optimum(algorithm, n):
   """Each device sends 2 (N-1) / N of the buffer per all-reduce (read off the HLO)."""
   elements = 64 * n

@@ -6,8 +6,10 @@ c = S / N) runs as rounds in which every device sends one message to one partner
 =========  ===============================  ==============================
 algorithm  rounds                           message of each round
 =========  ===============================  ==============================
-butterfly  log2 N, partner r ^ d            d c (reduce-scatter: d = N/2..1,
-                                            all-gather: d = 1..N/2)
+butterfly  ceil(log2 N): N = 2^a m, m odd   halving: N/(2d) c, d = 1..2^(a-1);
+           `collectives.butterfly_rounds`:  odd phase: floor(L_j / 2) c
+           partner r ^ d, then r + 2^j 2^a  (reduce-scatter order; the
+                                            all-gather reverses it)
 ring       N - 1, partner r + 1             c
 direct     N - 1, partner r + s (s = 1..)   c
 xla        the faster of ring / butterfly   (NCCL picks ring or tree)
@@ -20,20 +22,18 @@ between nodes the node's inter-node link, *shared* by all of the node's
 devices that send across it in that round (m x senders / bandwidth). So a
 butterfly round with d >= devices_per_node puts all 4 of a Minwa node's GPUs
 on its one InfiniBand link at once, where a ring crosses with one message
-per node per round. Butterfly on a non-power of two runs as ring (as
-`collectives.resolve_algorithm` does). Every algorithm sends (N-1) c bytes
-per device per collective.
+per node per round. The butterfly's halving starts at d = 1 with half the
+buffer, so on nodes of 2^b devices its b largest rounds stay inside a node.
+Every algorithm sends (N-1) c bytes per device per collective, on any N.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
-from deep_image.config_error import ConfigError
 from deep_image.parallel.clusters import Cluster, get_cluster
-from deep_image.parallel.collectives import ALGORITHMS
+from deep_image.parallel.collectives import butterfly_rounds, check_algorithm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +43,13 @@ class CollectiveCost:
   seconds: float
   bytes_sent: float  # per device
   rounds: int
-  algorithm: str  # the one that runs (butterfly off a power of two: ring)
+  algorithm: str  # the one that runs (xla: the one it is modelled as)
 
 
 def _rounds(kind: str, algorithm: str, n: int) -> list[tuple[int, str, int]]:
-  """(chunks per message, 'xor' | 'shift', distance) of each round."""
+  """(chunks per message, 'xor' | 'shift', distance) of each round, in order."""
   if algorithm == "butterfly":
-    ds = [2**i for i in range(int(math.log2(n)))]
-    ds = ds[::-1] if kind == "reduce_scatter" else ds
-    return [(d, "xor", d) for d in ds]
+    return [(r.chunks, r.how, r.distance) for r in butterfly_rounds(n, kind)]
   if algorithm == "ring":
     return [(1, "shift", 1)] * (n - 1)
   return [(1, "shift", s) for s in range(1, n)]  # direct
@@ -89,21 +87,13 @@ def collective_cost(
   """Reduce-scatter ([N c] -> [c]) or all-gather ([c] -> [N c]) of `buffer_bytes` = N c bytes."""
   if kind not in ("reduce_scatter", "all_gather"):
     raise ValueError(f"kind={kind!r} must be 'reduce_scatter' or 'all_gather'")
-  if algorithm not in ALGORITHMS:
-    raise ConfigError(
-      f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
-    )
+  check_algorithm(algorithm)
   cluster = get_cluster(cluster)
   if n <= 1:
     return CollectiveCost(0.0, 0.0, 0, algorithm)
-  power_of_two = n & (n - 1) == 0
   if algorithm == "xla":
-    options = [collective_cost(kind, "ring", buffer_bytes, n, cluster)]
-    if power_of_two:
-      options.append(collective_cost(kind, "butterfly", buffer_bytes, n, cluster))
+    options = [collective_cost(kind, a, buffer_bytes, n, cluster) for a in ("ring", "butterfly")]
     return min(options, key=lambda c: c.seconds)
-  if algorithm == "butterfly" and not power_of_two:
-    algorithm = "ring"
   c = buffer_bytes / n
   seconds, sent, rounds = 0.0, 0.0, 0
   for chunks, how, dist in _rounds(kind, algorithm, n):

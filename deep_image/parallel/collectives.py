@@ -13,22 +13,50 @@ semantics of the `lax` builtin named in its docstring:
 
 Algorithms (each device's traffic is for the whole of one call):
 
-=========  =======================================  =========  ==================
-algorithm  how                                      rounds     sent per device
-=========  =======================================  =========  ==================
-butterfly  recursive halving (reduce-scatter) /     log2 N     (N-1)/N of buffer
-           doubling (all-gather) with partner r^d
-ring       pass chunks to r+1, accumulate           N-1        (N-1)/N of buffer
-direct     device k receives part k from everyone   N-1        (N-1)/N of buffer
+=========  =======================================  ============  ==================
+algorithm  how                                      rounds        sent per device
+=========  =======================================  ============  ==================
+butterfly  recursive halving (reduce-scatter) /     ceil(log2 N)  (N-1)/N of buffer
+           doubling (all-gather), any N; below
+ring       pass chunks to r+1, accumulate           N-1           (N-1)/N of buffer
+direct     device k receives part k from everyone   N-1           (N-1)/N of buffer
            (the paper's wording); one shift a round
-xla        the lax builtins: XLA's own choice       -          -
-=========  =======================================  =========  ==================
+xla        the lax builtins: XLA's own choice       -             -
+=========  =======================================  ============  ==================
 
 An all-reduce is a reduce-scatter followed by an all-gather, so each device
 sends 2(N-1)/N of the buffer: the bandwidth optimum.
 
-Butterfly needs a power-of-two N; on any other N it falls back to `ring`
-(logged once), so a config that names butterfly still runs on, say, 6 devices.
+Butterfly on any N. Write N = 2^a m with m odd and c = buffer / N (one chunk).
+The reduce-scatter runs `butterfly_rounds(N)`, every device sending one message
+of the same size in each round:
+
+=============  ==============================  =========================  ===========
+rounds         partner of device r             message (per device)       phase
+=============  ==============================  =========================  ===========
+k = 0..a-1     r XOR 2^k (both ways)           N / 2^(k+1) chunks         halving
+j = 0..b-1     sends to r + 2^j 2^a,           floor(L_j / 2) chunks,     odd factor
+(b = ceil(     receives from r - 2^j 2^a       L_0 = m,
+log2 m))       (mod N)                         L_(j+1) = ceil(L_j / 2)
+total          a + b = ceil(log2 N) rounds     N - 1 chunks = (N-1)/N of the buffer
+=============  ==============================  =========================  ===========
+
+The all-gather runs the same rounds in reverse order, the shifts reversed
+(r sends to r - 2^j 2^a), with the same messages: the same total. Examples
+(chunks per round, in reduce-scatter order): N=8: 4 2 1; N=6: 3 | 1 1;
+N=12: 6 3 | 1 1; N=5: | 2 1 1; N=7: | 3 2 1; N=144: 72 36 18 9 | 4 2 1 1.
+Both phases are bandwidth optimal and take exactly ceil(log2 N) rounds, so no
+device count needs a fold-in round (Rabenseifner's) or a fallback.
+
+The halving phase splits the buffer by the low bits of the chunk index (round k
+keeps the chunks whose bit k is the device's bit k), so after it device r holds
+the m chunks r mod 2^a + 2^a i, i = 0..m-1, and chunk r lands on device r with
+no final permutation. It starts at distance 1 with half the buffer: ranks are
+node-major (consecutive ids share a node), so the largest exchanges take the
+nearest, fastest links and only the small late ones cross nodes. The odd phase
+is a distance-doubling (Bruck-style) reduce-scatter among the m devices of
+stride 2^a: offsets relative to the device's own chunk are static, so each
+round sends the odd offsets (half the remaining ones) one step on.
 
 `all_gather_with_scatter_grad` / `reduce_scatter_with_gather_grad` pair the
 two with `jax.custom_vjp` so that autodiff runs *our* collective in backward:
@@ -39,11 +67,11 @@ buckets (`deep_image.parallel.buckets`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax import lax
 
 from deep_image.config_error import ConfigError
@@ -51,29 +79,53 @@ from deep_image.config_error import ConfigError
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
 
 
-def _check_algorithm(algorithm: str) -> None:
+def check_algorithm(algorithm: str) -> None:
+  """ConfigError unless `algorithm` is one of ALGORITHMS (every one runs on any N)."""
   if algorithm not in ALGORITHMS:
     raise ConfigError(
       f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
     )
 
 
-def _is_power_of_two(n: int) -> bool:
-  return n & (n - 1) == 0
+def _two_adic(n: int) -> tuple[int, int]:
+  """(2^a, m) with n = 2^a m and m odd."""
+  power = n & -n
+  return power, n // power
 
 
-@functools.cache
-def _warn_butterfly_fallback(n: int) -> None:
-  logging.warning("butterfly needs a power-of-two device count; using ring on %d devices", n)
+@dataclasses.dataclass(frozen=True)
+class ButterflyRound:
+  """One round of the butterfly: every device sends `chunks` chunks to one partner.
+
+  how: 'xor' (partner r ^ distance, both ways) or 'shift' (device r sends to
+  (r + distance) mod N; distance < 0 in the all-gather).
+  """
+
+  how: str
+  distance: int
+  chunks: int
 
 
-def resolve_algorithm(algorithm: str, n: int) -> str:
-  """The algorithm that actually runs on `n` devices (butterfly -> ring off powers of two)."""
-  _check_algorithm(algorithm)
-  if algorithm == "butterfly" and not _is_power_of_two(n):
-    _warn_butterfly_fallback(n)
-    return "ring"
-  return algorithm
+def butterfly_rounds(n: int, kind: str = "reduce_scatter") -> tuple[ButterflyRound, ...]:
+  """The rounds of a butterfly reduce-scatter or all-gather on n devices (module table)."""
+  if kind not in ("reduce_scatter", "all_gather"):
+    raise ValueError(f"kind={kind!r} must be 'reduce_scatter' or 'all_gather'")
+  power, m = _two_adic(n)
+  rounds = [ButterflyRound("xor", d, n // (2 * d)) for d in _powers_below(power)]
+  length, step = m, power
+  while length > 1:
+    rounds.append(ButterflyRound("shift", step, length // 2))
+    length, step = (length + 1) // 2, 2 * step
+  if kind == "reduce_scatter":
+    return tuple(rounds)
+  # The all-gather: the same rounds backwards, each shift sending the other way.
+  back = [dataclasses.replace(r, distance=-r.distance) if r.how == "shift" else r for r in rounds]
+  return tuple(reversed(back))
+
+
+def _powers_below(power: int) -> list[int]:
+  """1, 2, 4, ... < power."""
+  return [1 << k for k in range(power.bit_length() - 1)]
 
 
 def _chunk(x: jax.Array, index, size: int) -> jax.Array:
@@ -85,6 +137,81 @@ def _shift_pairs(n: int, shift: int) -> list[tuple[int, int]]:
   return [(j, (j + shift) % n) for j in range(n)]
 
 
+def _xor_pairs(n: int, d: int) -> list[tuple[int, int]]:
+  return [(j, j ^ d) for j in range(n)]
+
+
+def _rotate(blocks: jax.Array, start) -> jax.Array:
+  """blocks[(start + t) mod M] for t = 0..M-1 along axis 0, with a traced start."""
+  m = blocks.shape[0]
+  return lax.dynamic_slice_in_dim(jnp.concatenate([blocks, blocks]), start, m, axis=0)
+
+
+def _butterfly_reduce_scatter(x: jax.Array, axis_name: str, n: int) -> jax.Array:
+  """The module table's rounds. x [N*c, ...] -> [c, ...], chunk r summed, on device r."""
+  c = x.shape[0] // n
+  rank = lax.axis_index(axis_name)
+  power, m = _two_adic(n)
+  # Before the round at distance d, blocks [N / d, c, ...]: blocks[i] is chunk
+  # i d + (r mod d), summed over the d devices r' with r' // d == r // d.
+  blocks = x.reshape((n, c) + x.shape[1:])
+  for d in _powers_below(power):
+    # Split by bit 0 of the block index (the chunk index's bit worth d): keep
+    # the half whose bit is r's.
+    pairs = blocks.reshape((blocks.shape[0] // 2, 2) + blocks.shape[1:])
+    bit = (rank // d) % 2
+    keep = lax.dynamic_index_in_dim(pairs, bit, axis=1, keepdims=False)
+    send = lax.dynamic_index_in_dim(pairs, 1 - bit, axis=1, keepdims=False)
+    blocks = keep + lax.ppermute(send, axis_name, _xor_pairs(n, d))
+  # Odd phase among the m devices r mod 2^a + 2^a i: now blocks[i'] is chunk
+  # r mod 2^a + 2^a i'. Re-index by offset from our own block (i = r // 2^a):
+  # offset t is block i + t. Each round sends the odd offsets one step on,
+  # where offset t becomes t - step, an even offset of the receiver.
+  if m == 1:
+    return blocks[0]
+  offsets = _rotate(blocks, rank // power)
+  step = power
+  while offsets.shape[0] > 1:
+    moving = offsets[1::2]
+    offsets = offsets[0::2]
+    arrived = lax.ppermute(moving, axis_name, _shift_pairs(n, step))
+    offsets = offsets.at[: arrived.shape[0]].add(arrived)
+    step *= 2
+  return offsets[0]
+
+
+def _butterfly_all_gather(x: jax.Array, axis_name: str, n: int) -> jax.Array:
+  """The reduce-scatter's rounds reversed. x [c, ...] -> [N*c, ...] in device order."""
+  rank = lax.axis_index(axis_name)
+  power, m = _two_adic(n)
+  # Odd phase among the m devices r mod 2^a + 2^a i (i = r // 2^a): offsets[t]
+  # is the chunk of device r + 2^a t, t = 0..L-1; each round fills the odd
+  # offsets with the even ones of the device `step` ahead, the reduce-scatter's
+  # rounds backwards. Then rotate back to device order: blocks[i'] is chunk
+  # r mod 2^a + 2^a i'.
+  lengths = [m]  # offsets held before each reduce-scatter round of this phase
+  while lengths[-1] > 1:
+    lengths.append((lengths[-1] + 1) // 2)
+  offsets = x[None]
+  step = power << max(len(lengths) - 2, 0)
+  for length in reversed(lengths[:-1]):
+    arrived = lax.ppermute(offsets[: length // 2], axis_name, _shift_pairs(n, -step))
+    if arrived.shape[0] < offsets.shape[0]:
+      pad = jnp.zeros((offsets.shape[0] - arrived.shape[0],) + arrived.shape[1:], arrived.dtype)
+      arrived = jnp.concatenate([arrived, pad])
+    offsets = jnp.stack([offsets, arrived], axis=1).reshape((-1,) + x.shape)[:length]
+    step //= 2
+  blocks = offsets if m == 1 else _rotate(offsets, (-(rank // power)) % m)
+  # Doubling phase: before the round at distance d, blocks[i] is chunk
+  # i 2d + (r mod 2d); interleave ours and the partner's by r's bit worth d.
+  for d in reversed(_powers_below(power)):
+    other = lax.ppermute(blocks, axis_name, _xor_pairs(n, d))
+    upper = ((rank // d) % 2).astype(bool)
+    pairs = jnp.where(upper, jnp.stack([other, blocks], axis=1), jnp.stack([blocks, other], axis=1))
+    blocks = pairs.reshape((-1,) + x.shape)
+  return blocks.reshape((n * x.shape[0],) + x.shape[1:])
+
+
 def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") -> jax.Array:
   """Sum over devices, keep chunk r on device r. [N*c, ...] -> [c, ...].
 
@@ -92,7 +219,7 @@ def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly"
   Raises ValueError when x.shape[0] does not divide by N.
   """
   n = lax.axis_size(axis_name)
-  algorithm = resolve_algorithm(algorithm, n)
+  check_algorithm(algorithm)
   if x.shape[0] % n:
     raise ValueError(
       f"reduce_scatter: leading dimension {x.shape[0]} of shape {x.shape} does not divide "
@@ -102,23 +229,10 @@ def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly"
     return x
   if algorithm == "xla":
     return lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)
+  if algorithm == "butterfly":
+    return _butterfly_reduce_scatter(x, axis_name, n)
   c = x.shape[0] // n
   rank = lax.axis_index(axis_name)
-  if algorithm == "butterfly":
-    # Recursive halving: in the round with distance d the buffer covers 2d
-    # chunks; the device whose bit d is set keeps the upper half and sends the
-    # lower half to its partner r ^ d, which does the opposite. After log2 N
-    # rounds the buffer is chunk r summed over all devices.
-    buf = x
-    d = n // 2
-    while d >= 1:
-      half = d * c
-      upper = (rank // d) % 2
-      keep = _chunk(buf, upper, half)
-      send = _chunk(buf, 1 - upper, half)
-      buf = keep + lax.ppermute(send, axis_name, [(j, j ^ d) for j in range(n)])
-      d //= 2
-    return buf
   if algorithm == "ring":
     # Step s: send the running sum of chunk (r - s - 1) to r + 1; receive the
     # running sum of chunk (r - s - 2) from r - 1 and add our own part of it.
@@ -141,23 +255,14 @@ def all_gather(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") ->
   Same result as `lax.all_gather(x, axis_name, axis=0, tiled=True)`.
   """
   n = lax.axis_size(axis_name)
-  algorithm = resolve_algorithm(algorithm, n)
+  check_algorithm(algorithm)
   if n == 1:
     return x
   if algorithm == "xla":
     return lax.all_gather(x, axis_name, axis=0, tiled=True)
-  rank = lax.axis_index(axis_name)
   if algorithm == "butterfly":
-    # Recursive doubling: after the round with distance d the buffer holds the
-    # 2d chunks of the aligned block containing r, in order.
-    buf = x
-    d = 1
-    while d < n:
-      other = lax.ppermute(buf, axis_name, [(j, j ^ d) for j in range(n)])
-      upper = ((rank // d) % 2).astype(bool)
-      buf = jnp.where(upper, jnp.concatenate([other, buf]), jnp.concatenate([buf, other]))
-      d *= 2
-    return buf
+    return _butterfly_all_gather(x, axis_name, n)
+  rank = lax.axis_index(axis_name)
   c = x.shape[0]
   out = jnp.zeros((n * c,) + x.shape[1:], x.dtype)
   out = lax.dynamic_update_slice_in_dim(out, x, rank * c, axis=0)

@@ -59,7 +59,7 @@ def validate_parallel_config(config, num_devices: int) -> ParallelPlan:
     raise ConfigError(
       f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGY_CHOICES}"
     )
-  collectives.resolve_algorithm(par.collective, 2)
+  collectives.check_algorithm(par.collective)
   if par.strategy in ("hybrid", AUTO) and par.conv not in CONV_MODES:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   if par.overlap not in OVERLAPS:
