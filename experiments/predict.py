@@ -18,6 +18,7 @@ from absl import app, flags, logging
 
 from deep_image.config_error import ConfigError
 from deep_image.data.one_image import OneImage
+from deep_image.train.ensemble import predict
 from experiments import cli
 from experiments.markdown import table
 
@@ -72,8 +73,6 @@ def main(argv):
   workdirs = cli.split_list(flags.FLAGS.workdirs, "workdirs")
   configs = cli.configure_devices_for_runs(workdirs)
   image = OneImage(flags.FLAGS.image)
-  from deep_image.train.ensemble import predict  # imports JAX: after the device count is set
-
   columns, names = predict(workdirs, configs, image, flags.FLAGS.protocol, flags.FLAGS.checkpoint)
   print(f"{flags.FLAGS.image}:\n")
   print(topk_table(columns, names, flags.FLAGS.k))

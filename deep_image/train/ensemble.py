@@ -4,9 +4,10 @@ by averaging softmax posteriors (paper section 4.2).
 Each model is restored read-only from its workdir (`trained_model.load_trained_model`)
 and tested under the protocol text (`deep_image/evaluate/protocol.py`); without
 '@scales' each at its own eval scale, so a 256 and a 512 model are each tested at their
-scale. `evaluate_models` is what `ensemble` (a split of a dataset, for
-`experiments.ensemble`) and `predict` (one image, for `experiments.predict`) share. Models must
-predict the same classes; an ensemble also tests on the same images (source and split).
+scale. `evaluate_models` is what `ensemble` (a split of a dataset: the command line
+`experiments.ensemble`) and `predict` (one image: `experiments.predict`) share. Models
+must predict the same classes; an ensemble also tests on the same images (source and
+split).
 """
 
 from __future__ import annotations
