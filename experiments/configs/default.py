@@ -25,6 +25,7 @@ import ml_collections
 
 from experiments.configs import base
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The digits job; `arg`: comma-separated variants of base.py ('tiny')."""
   c = base.get_config()
