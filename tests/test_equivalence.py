@@ -142,7 +142,7 @@ CASES = (
   + [(s, a, conv, 8) for s, conv in SHARD_MAP for a in ALGORITHMS]
   + [(s, a, conv, n) for s, conv in SHARD_MAP for a in ("butterfly", "xla") for n in (2, 4)]
   + [(s, "butterfly", conv, 1) for s, conv in SHARD_MAP]
-  + [(s, a, conv, 6) for s, conv in SHARD_MAP for a in ("ring", "direct")]
+  + [(s, a, conv, 6) for s, conv in SHARD_MAP for a in ("butterfly", "ring", "direct")]
 )
 
 
