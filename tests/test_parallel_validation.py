@@ -10,6 +10,7 @@ from conftest import tiny_config as tiny
 from conftest import train_cli
 
 from deep_image.config_error import ConfigError
+from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import validation
 
 
@@ -17,11 +18,9 @@ from deep_image.parallel import validation
   "flag,message",
   [
     ("--config.parallel.num_devices=0", "parallel.num_devices=0 must be a whole number >= 1"),
-    ("--config.parallel.num_devices=-2", "parallel.num_devices=-2 must be a whole number >= 1"),
     ("--config.train.batch_size=-8", "train.batch_size=-8 must be >= 1"),
-    ("--config.train.batch_size=0", "train.batch_size=0 must be >= 1"),
   ],
-  ids=["no-devices", "negative-devices", "negative-batch", "no-batch"],
+  ids=["no-devices", "negative-batch"],
 )
 def test_cli_refuses_device_counts_and_batches_below_one(tmp_path, flag, message):
   run = train_cli(tmp_path / "w", flag)
@@ -38,11 +37,19 @@ def test_cli_refuses_device_counts_and_batches_below_one(tmp_path, flag, message
     ("parallel.num_processes", 0, r"parallel.num_processes=0 must be a whole number >= 1"),
     ("parallel.mesh", (("data", 0),), r"parallel.mesh=\(\('data', 0\),\): sizes must be"),
     ("train.batch_size", -8, r"train.batch_size=-8 must be >= 1"),
+    ("train.batch_size", 0, r"train.batch_size=0 must be >= 1"),
   ],
 )
 def test_validation_names_the_field_and_value(field, value, message):
   with pytest.raises(ConfigError, match=message):
     validation.validate_parallel_config(tiny(**{field: value}), 8)
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, True])
+def test_device_counts_below_one_or_not_whole_are_refused(value):
+  # What configure_host_devices checks before JAX starts (the CLI case above: 0).
+  with pytest.raises(ConfigError, match=rf"parallel.num_devices={value!r} must be a whole number"):
+    mesh_lib.check_device_counts(value, 1)
 
 
 def test_auto_validates_once_and_lists_what_can_run():
@@ -58,7 +65,6 @@ def test_make_strategy_builds_from_a_plan_without_validating_again(monkeypatch):
   import jax
 
   from deep_image.models.vgg import make_model
-  from deep_image.parallel import mesh as mesh_lib
   from deep_image.parallel import strategies
   from deep_image.train.optimizer import make_optimizer
 
