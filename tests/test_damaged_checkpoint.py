@@ -8,6 +8,12 @@ naming step 12 and what is wrong, moves it to checkpoints/damaged/12, and logs e
 the uninterrupted run's losses. Readers (experiments.evaluate) fall back the same way
 without moving anything; a damaged step asked for by number is a one-line error. In a
 2-process run the damage one process alone sees makes both restore the same older step.
+
+A truncated or deleted file is found before any array is read, whichever file it is
+(`ocdbt_files_reason`): a restore reads only some byte ranges of the data files (the
+largest one may end with this process's own B+tree node, which a restore of the merged
+database never reads), so leaving it to the restore would find half of a file cut short
+only sometimes.
 """
 
 import json
@@ -15,12 +21,17 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import TINY_JOB_FLAGS, run_cli, train_cli
 
 from deep_image.parallel.mesh import PATIENT_COLLECTIVES
-from deep_image.train.checkpoint_damage import unreadable_reason
+from deep_image.train.checkpoint_damage import (
+  _dropped_read_of_damaged,
+  ocdbt_files_reason,
+  unreadable_reason,
+)
 from deep_image.train.metrics import read_metrics
 
 JOB = (
@@ -192,3 +203,52 @@ def test_only_failures_to_read_files_count_as_damage():
   ]
   for bug in bugs:
     assert unreadable_reason(bug) is None, bug
+
+
+def test_every_file_of_the_state_cut_short_or_deleted_is_found(finished, tmp_path):
+  """Any one data file, manifest or B+tree node of the state's OCDBT databases, cut to half
+  or deleted, is named before any array is read; the intact checkpoint passes."""
+  state = finished / "checkpoints" / "12" / "state"
+  assert ocdbt_files_reason(str(state), 0) is None
+  files = sorted(
+    os.path.relpath(os.path.join(root, name), state)
+    for root, _, names in os.walk(state)
+    for name in names
+    if name == "manifest.ocdbt" or os.path.basename(root) == "d"
+  )
+  assert any(f.startswith("ocdbt.process_0/d/") for f in files)
+  assert any(f.startswith("d/") for f in files)  # the merged database's own B+tree
+  for name in files:
+    for damage in ("truncate", "delete"):
+      copy = tmp_path / f"{damage}-{name.replace('/', '_')}"
+      shutil.copytree(state, copy)
+      if damage == "truncate":
+        os.truncate(copy / name, os.path.getsize(copy / name) // 2)
+      else:
+        os.remove(copy / name)
+      try:
+        reason = ocdbt_files_reason(str(copy), 0)
+      except ValueError as e:  # a manifest cut short does not decode: a read failure
+        reason = unreadable_reason(e)
+      assert reason is not None, (damage, name)
+      if os.path.basename(os.path.dirname(name)) == "d":  # a data file: named, and how
+        want = "NOT_FOUND" if damage == "delete" else "OUT_OF_RANGE"
+        assert reason.startswith(want) and name in reason, (damage, name, reason)
+
+
+def test_only_the_noise_of_a_failed_restore_is_silenced():
+  """After a read failure: the closed loop's errors and the other reads' closed coroutines
+  are dropped; a read that failed on its own, or any other error, still shows."""
+
+  def unraisable(error, cause=None, name="_read_array_index_and_device_put"):
+    error.__cause__ = cause
+    return types.SimpleNamespace(exc_value=error, object=types.SimpleNamespace(__name__=name))
+
+  closed = Exception("Encountered error while reading array index: (slice(0, 8, 1),)")
+  assert _dropped_read_of_damaged(unraisable(RuntimeError("Event loop is closed")))
+  assert _dropped_read_of_damaged(unraisable(closed, GeneratorExit()))
+  failed = ValueError("OUT_OF_RANGE: Error reading")
+  assert not _dropped_read_of_damaged(unraisable(closed, failed))
+  assert not _dropped_read_of_damaged(unraisable(closed, GeneratorExit(), name="other"))
+  assert not _dropped_read_of_damaged(unraisable(RuntimeError("something else")))
+  assert not _dropped_read_of_damaged(unraisable(TypeError("a bug"), GeneratorExit()))

@@ -50,9 +50,10 @@ log that in one line and try the next older step, down to None (a fresh
 start). A writable Checkpointer moves a damaged step to
 `checkpoints/damaged/<step>` (never deleted; Orbax lists only step-number
 folders, so neither resume nor retention sees it), which also frees the step
-number for the run to save again. Damage is found by the restore itself (no
-second read of the arrays) plus a comparison of the meta's stored shapes with
-Orbax's array metadata; what counts as damage, and how the processes of a
+number for the run to save again. Damage is found before any array is read
+(every file of the state's OCDBT databases present and as long as saved; the
+meta's stored shapes equal to Orbax's array metadata) and by the restore itself
+(no second read of the arrays); what counts as damage, and how the processes of a
 multi-process run agree on it after each read, is `checkpoint_damage`. Only
 process 0 moves folders.
 
@@ -85,6 +86,7 @@ from deep_image.train.checkpoint_damage import (
   DamagedCheckpoint,
   Unreadable,
   agree,
+  ocdbt_files_reason,
   tolerant,
   unreadable_reason,
 )
@@ -360,7 +362,7 @@ class Checkpointer:
     meta = self.meta(step)
     where = f"checkpoint {self.step_dir(step)}"
     check_compatible(meta["config"], config, where)
-    self._check_stored_shapes(step, meta, strategy)
+    self._check_state_files_and_shapes(step, meta, strategy)
     target = strategy.abstract_state()
     same_layout = (
       meta["strategy"] == strategy.name
@@ -422,21 +424,32 @@ class Checkpointer:
       )
     return value
 
-  def _check_stored_shapes(self, step: int, meta: dict, strategy) -> None:
-    """DamagedCheckpoint when Orbax's array metadata of the state disagrees with the meta's
-    stored shapes (a cheap read of one JSON file, before any array is read).
+  def _check_state_files_and_shapes(self, step: int, meta: dict, strategy) -> None:
+    """DamagedCheckpoint when a file of the state's OCDBT databases is missing or cut short
+    (`ocdbt_files_reason`: this process's files, whether or not a restore would read the
+    lost bytes) or Orbax's array metadata of the state disagrees with the meta's stored
+    shapes (cheap reads of small files, before any array is read).
 
     Arrays that only one of them names are left to the restore: that is another
     optimizer (IncompatibleCheckpoint), not damage.
     """
     reason = None
     try:
-      stored = self.manager.item_metadata(step)["state"]
+      files = ocdbt_files_reason(os.path.join(self.step_dir(step), "state"), jax.process_index())
     except Exception as e:  # narrowed: only read failures, the rest re-raised
-      reason = unreadable_reason(e)
-      if reason is None:
+      files = unreadable_reason(e)
+      if files is None:
         raise
-      reason = f"state metadata: {reason}"
+    if files is not None:
+      reason, stored = f"state: {files}", None
+    else:
+      try:
+        stored = self.manager.item_metadata(step)["state"]
+      except Exception as e:  # narrowed: only read failures, the rest re-raised
+        reason = unreadable_reason(e)
+        if reason is None:
+          raise
+        reason = f"state metadata: {reason}"
     if reason is None and stored is not None:
       saved = _saved_tree(meta, strategy)
       by_path = {
