@@ -37,6 +37,15 @@ def tiny_config(**overrides):
   return apply_overrides(default.get_config("tiny"), overrides)
 
 
+def logged_steps(workdir) -> int:
+  """How many training steps WORKDIR/metrics.jsonl holds so far (0 before the file exists)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(1 for line in f if '"loss"' in line)
+
+
 def run_cli(module, *args, xla_flags=""):
   """`python -m MODULE args...`, completed (stdout, stderr captured as text).
 

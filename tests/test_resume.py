@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import PATIENT_COLLECTIVES
+from conftest import PATIENT_COLLECTIVES, logged_steps
 from conftest import tiny_config as tiny
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -81,14 +81,6 @@ def _saving(workdir):
   return os.path.isdir(ckpt) and any("tmp" in name for name in os.listdir(ckpt))
 
 
-def _logged_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for line in f if '"loss"' in line)
-
-
 def test_interrupted_runs_resume_exactly(tmp_path):
   reference = tmp_path / "reference"
   _run(reference)
@@ -104,7 +96,7 @@ def test_interrupted_runs_resume_exactly(tmp_path):
     # 1. SIGTERM (preemption) at a random step: a checkpoint, exit status 0.
     proc = _start(work, log)
     stop_at = rng.randint(2, 8)
-    _wait_for(lambda: _logged_steps(work) >= stop_at, proc)
+    _wait_for(lambda: logged_steps(work) >= stop_at, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     preempted = Checkpointer(str(work), 2).latest_step()
@@ -119,7 +111,7 @@ def test_interrupted_runs_resume_exactly(tmp_path):
     # 3. SIGKILL at a random moment.
     proc = _start(work, log)
     kill_at = rng.randint(preempted + 2, NUM_STEPS - 2)
-    _wait_for(lambda: _logged_steps(work) >= kill_at, proc)
+    _wait_for(lambda: logged_steps(work) >= kill_at, proc)
     time.sleep(rng.random() * 0.5)
     proc.kill()
     proc.wait()

@@ -15,7 +15,7 @@ import time
 
 import orbax.checkpoint as ocp
 import pytest
-from conftest import PATIENT_COLLECTIVES, run_cli
+from conftest import PATIENT_COLLECTIVES, logged_steps, run_cli
 from conftest import tiny_config as tiny
 
 from deep_image.config_error import ConfigError
@@ -48,17 +48,9 @@ def _env():
   return dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
 
 
-def _logged_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for line in f if '"loss"' in line)
-
-
 def _wait_for_steps(workdir, steps, proc, timeout=240):
   deadline = time.monotonic() + timeout
-  while _logged_steps(workdir) < steps:
+  while logged_steps(workdir) < steps:
     assert proc.poll() is None, "the trainer exited early"
     assert time.monotonic() < deadline, "the trainer never reached the step"
     time.sleep(0.02)
