@@ -28,15 +28,15 @@ group is one device moves nothing and is not counted.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterable
 
 from deep_image.analysis.hlo import (
   COLLECTIVE_KINDS,
   module_devices,
   parse_computations,
-  replica_group_size,
+  replica_groups,
   shape_bytes,
+  source_target_pairs,
 )
 
 
@@ -51,6 +51,9 @@ class CollectiveOp:
     operand_bytes: B, the bytes of its operands.
     sent: bytes one device sends (the module docstring's table).
     op_name: the JAX op_name of its metadata ('' if none).
+    groups: its replica groups, device ids in group order (`hlo.replica_groups`; one
+      group of all devices for a collective-permute, which has none).
+    pairs: a collective-permute's (source, target) pairs, () for the other kinds.
   """
 
   kind: str
@@ -59,6 +62,8 @@ class CollectiveOp:
   operand_bytes: int
   sent: float
   op_name: str
+  groups: tuple[tuple[int, ...], ...] = ()
+  pairs: tuple[tuple[int, int], ...] = ()
 
   @property
   def conv(self) -> bool:
@@ -66,10 +71,7 @@ class CollectiveOp:
     return "features" in self.op_name
 
 
-_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
-
-
-def _sent(kind: str, operand_bytes: int, group: int, line: str, num_devices: int) -> float:
+def _sent(kind: str, operand_bytes: int, group: int, pairs, num_devices: int) -> float:
   """Bytes one device sends for one op (the module docstring's table)."""
   if kind == "all-gather":
     return operand_bytes * (group - 1)
@@ -77,9 +79,7 @@ def _sent(kind: str, operand_bytes: int, group: int, line: str, num_devices: int
     return 2.0 * operand_bytes * (group - 1) / group
   if kind in ("reduce-scatter", "all-to-all"):
     return operand_bytes * (group - 1) / group
-  m = _PAIRS.search(line)
-  pairs = re.findall(r"\{(\d+),(\d+)\}", m.group(1) if m else "")
-  sources = {int(s) for s, t in pairs if s != t}
+  sources = {s for s, t in pairs if s != t}
   return operand_bytes * len(sources) / max(num_devices, 1)
 
 
@@ -105,7 +105,9 @@ def collective_ops(hlo_text: str, num_devices: int | None = None) -> list[Collec
       if missing:
         raise ValueError(f"{inst.opcode} {inst.name!r} in {comp!r}: unknown operands {missing}")
       nbytes = sum(shape_bytes(local.get(o) or shapes[o]) for o in operands)
-      group = replica_group_size(inst.line, n)
+      groups = replica_groups(inst.line, n)
+      group = len(groups[0])
+      pairs = tuple(source_target_pairs(inst.line)) if kind == "collective-permute" else ()
       if group <= 1 and kind != "collective-permute":
         continue  # a group of one device: nothing moves (a 1-device step's metric psum)
       ops.append(
@@ -114,8 +116,10 @@ def collective_ops(hlo_text: str, num_devices: int | None = None) -> list[Collec
           name=inst.name,
           group=group,
           operand_bytes=nbytes,
-          sent=_sent(kind, nbytes, group, inst.line, n),
+          sent=_sent(kind, nbytes, group, pairs, n),
           op_name=inst.op_name,
+          groups=tuple(groups),
+          pairs=pairs,
         )
       )
   return ops

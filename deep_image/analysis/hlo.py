@@ -161,10 +161,11 @@ _HEADER_REPLICAS = re.compile(r"replica_count=(\d+)")
 
 
 _GROUPS_EXPLICIT = re.compile(r"replica_groups=\{(\{[\d,\s]*\}(?:\s*,\s*\{[\d,\s]*\})*)?\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[[\d,]+\]")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
 def module_devices(hlo_text: str) -> int:
@@ -175,26 +176,82 @@ def module_devices(hlo_text: str) -> int:
   return (int(parts.group(1)) if parts else 1) * (int(reps.group(1)) if reps else 1)
 
 
-def replica_group_size(line: str, num_devices: int) -> int:
-  """G of a collective's HLO line; `num_devices` when its groups are empty ({}: all)."""
+def _iota_groups(shape: str, dims: str, perm: str | None) -> list[tuple[int, ...]]:
+  """`[G0,G1]<=[d0,d1,..]T(p0,p1,..)`: iota(prod d) reshaped to d, transposed by p (if
+  given), read row-major and cut into G0 groups of G1 (XLA's IotaReplicaGroupList)."""
+  group_shape = [int(x) for x in shape.split(",")]
+  sizes = [int(x) for x in dims.split(",")]
+  order = [int(x) for x in perm.split(",")] if perm else list(range(len(sizes)))
+  if sorted(order) != list(range(len(sizes))):
+    raise ValueError(f"iota replica_groups: T({perm}) is no permutation of {len(sizes)} dims")
+  total = math.prod(sizes)
+  if math.prod(group_shape) != total:
+    raise ValueError(f"iota replica_groups [{shape}]<=[{dims}]: the sizes do not match")
+  strides = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+  t_sizes = [sizes[i] for i in order]
+  flat = []
+  for k in range(total):  # the k-th element of the transposed array, row-major
+    index, rest = 0, k
+    for axis in reversed(range(len(t_sizes))):
+      rest, i = divmod(rest, t_sizes[axis])
+      index += i * strides[order[axis]]
+    flat.append(index)
+  g = group_shape[-1]
+  return [tuple(flat[i : i + g]) for i in range(0, total, g)]
+
+
+def _mesh_groups(axes_text: str, names_text: str, line: str) -> list[tuple[int, ...]]:
+  """`mesh['x'=2,'y'=4] {'y'}`: devices numbered row-major over the mesh; one group per
+  index of the other axes, its devices in the order of the named axes (row-major)."""
+  axes = [(n, int(s)) for n, s in re.findall(r"'([^']+)'=(\d+)", axes_text)]
+  sizes = dict(axes)
+  names = re.findall(r"'([^']+)'", names_text)
+  unknown = [n for n in names if n not in sizes]
+  if unknown:
+    raise ValueError(f"replica_groups axes {unknown} not in the mesh of {line[:200]!r}")
+  strides = {n: math.prod(s for _, s in axes[i + 1 :]) for i, (n, _) in enumerate(axes)}
+  others = [n for n, _ in axes if n not in names]
+
+  def offsets(axis_names):
+    out = [0]
+    for n in axis_names:
+      out = [o + i * strides[n] for o in out for i in range(sizes[n])]
+    return out
+
+  members = offsets(names)
+  return [tuple(base + m for m in members) for base in sorted(offsets(others))]
+
+
+def replica_groups(line: str, num_devices: int) -> list[tuple[int, ...]]:
+  """The replica groups of a collective's HLO line, each a tuple of device ids in group
+  order, in any of XLA's forms: explicit `{{0,1},{2,3}}`; iota `[2,4]<=[8]` or
+  `[4,2]<=[2,4]T(1,0)`; mesh `mesh['x'=2,'y'=4] {'y'}`; empty `{}` or absent (one
+  group of all `num_devices`). Device ids are the program's: with replica_count 1 (an SPMD
+  program) its partition ids, i.e. positions in the jit's device assignment."""
   m = _GROUPS_IOTA.search(line)
   if m:
-    return int(m.group(1).split(",")[-1])
+    return _iota_groups(*m.groups())
   m = _GROUPS_MESH.search(line)
   if m:
-    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-    names = re.findall(r"'([^']+)'", m.group(2))
-    unknown = [n for n in names if n not in sizes]
-    if unknown:
-      raise ValueError(f"replica_groups axes {unknown} not in the mesh of {line[:200]!r}")
-    return math.prod(int(sizes[n]) for n in names)
+    return _mesh_groups(m.group(1), m.group(2), line)
   m = _GROUPS_EXPLICIT.search(line)
-  if m:
-    if not m.group(1):
-      return num_devices
-    first = re.match(r"\{([\d,\s]*)\}", m.group(1)).group(1)
-    return len([d for d in first.split(",") if d.strip()])
-  return num_devices  # no replica_groups attribute: all devices (XLA's default)
+  if m and m.group(1):
+    return [
+      tuple(int(d) for d in g.split(",") if d.strip())
+      for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))
+    ]
+  return [tuple(range(num_devices))]  # {} or no replica_groups attribute: all devices
+
+
+def replica_group_size(line: str, num_devices: int) -> int:
+  """G of a collective's HLO line (the size of its first group; `replica_groups`)."""
+  return len(replica_groups(line, num_devices)[0])
+
+
+def source_target_pairs(line: str) -> list[tuple[int, int]]:
+  """A collective-permute's `source_target_pairs={{0,1},{1,0}}` as [(0, 1), (1, 0)]."""
+  m = _PAIRS.search(line)
+  return [(int(s), int(t)) for s, t in re.findall(r"\{(\d+),(\d+)\}", m.group(1) if m else "")]
 
 
 def count_collectives(hlo_text: str) -> int:
