@@ -58,6 +58,23 @@ is a distance-doubling (Bruck-style) reduce-scatter among the m devices of
 stride 2^a: offsets relative to the device's own chunk are static, so each
 round sends the odd offsets (half the remaining ones) one step on.
 
+Levels. Given a tuple of mesh axes, outer first, e.g. ('node', 'local') with
+sizes Nn x L, a collective runs level by level over the node-major rank
+r = node L + local, with one algorithm per level (or one for all):
+
+==============  =====================================  ===============================
+collective      order                                  sent per device
+==============  =====================================  ===============================
+reduce-scatter  over local on the whole buffer S,      (L-1)/L S inside the node, then
+                then over node on its S / L            (Nn-1)/Nn S/L across nodes
+all-gather      over node on S / L, then over local    the same, reversed
+==============  =====================================  ===============================
+
+Device (n, l) exchanges across nodes only with (n', l): every device of a node
+sends its own 1/L of the buffer over its own link at once (one NIC per GPU).
+The result is the flat collective's over N = Nn L ranks, so 1/N layouts
+(`layouts.LAZY`) are the same arrays on a one- or two-axis mesh.
+
 `all_gather_with_scatter_grad` / `reduce_scatter_with_gather_grad` pair the
 two with `jax.custom_vjp` so that autodiff runs *our* collective in backward:
 the transpose of an all-gather is a reduce-scatter, and vice versa. The hybrid
@@ -69,6 +86,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +96,10 @@ from jax import lax
 from deep_image.config_error import ConfigError
 
 ALGORITHMS = ("butterfly", "ring", "direct", "xla")
+
+# A mesh axis, or a tuple of axes outer first (`Levels`); an algorithm, or one per level.
+Axes = str | tuple[str, ...]
+Algorithms = str | Sequence[str]
 
 
 def check_algorithm(algorithm: str) -> None:
@@ -212,19 +235,22 @@ def _butterfly_all_gather(x: jax.Array, axis_name: str, n: int) -> jax.Array:
   return blocks.reshape((n * x.shape[0],) + x.shape[1:])
 
 
-def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") -> jax.Array:
+def reduce_scatter(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butterfly") -> jax.Array:
   """Sum over devices, keep chunk r on device r. [N*c, ...] -> [c, ...].
 
   Same result as `lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)`.
-  Raises ValueError when x.shape[0] does not divide by N.
+  With a tuple of axes (outer first), level by level (`Levels`): r is the
+  node-major rank. Raises ValueError when x.shape[0] does not divide by N.
   """
   n = lax.axis_size(axis_name)
-  check_algorithm(algorithm)
   if x.shape[0] % n:
     raise ValueError(
       f"reduce_scatter: leading dimension {x.shape[0]} of shape {x.shape} does not divide "
       f"over the {n} devices of mesh axis {axis_name!r}"
     )
+  if isinstance(axis_name, tuple):
+    return _levels_reduce_scatter(x, *_levels(axis_name, algorithm))
+  check_algorithm(algorithm)
   if n == 1:
     return x
   if algorithm == "xla":
@@ -249,11 +275,14 @@ def reduce_scatter(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly"
   return acc
 
 
-def all_gather(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") -> jax.Array:
+def all_gather(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butterfly") -> jax.Array:
   """Concatenate every device's chunk in device order. [c, ...] -> [N*c, ...].
 
-  Same result as `lax.all_gather(x, axis_name, axis=0, tiled=True)`.
+  Same result as `lax.all_gather(x, axis_name, axis=0, tiled=True)`. With a
+  tuple of axes (outer first), level by level (`Levels`), in node-major order.
   """
+  if isinstance(axis_name, tuple):
+    return _levels_all_gather(x, *_levels(axis_name, algorithm))
   n = lax.axis_size(axis_name)
   check_algorithm(algorithm)
   if n == 1:
@@ -281,12 +310,45 @@ def all_gather(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") ->
   return out
 
 
+def _levels(axes: tuple[str, ...], algorithm: Algorithms) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(axes, one algorithm per axis): a single name applies to every level."""
+  algorithms = (algorithm,) * len(axes) if isinstance(algorithm, str) else tuple(algorithm)
+  if len(algorithms) != len(axes):
+    raise ValueError(f"algorithm={algorithm!r}: one per level of axes {axes} is needed")
+  for a in algorithms:
+    check_algorithm(a)
+  return axes, algorithms
+
+
+def _levels_reduce_scatter(x: jax.Array, axes, algorithms) -> jax.Array:
+  """`Levels`: innermost axis first, on the whole buffer. [N*c, ...] -> [c, ...]."""
+  tail = x.shape[1:]
+  sizes = [lax.axis_size(a) for a in axes]
+  held = x.reshape(math.prod(sizes), -1)  # rows in node-major rank order
+  for level in reversed(range(len(axes))):
+    outer = math.prod(sizes[:level])  # rows are (outer rank, this level's rank)
+    rows = held.reshape(outer, sizes[level], -1).swapaxes(0, 1).reshape(outer * sizes[level], -1)
+    # This level's rank major: its reduce-scatter keeps the rows of our rank at this level.
+    held = reduce_scatter(rows, axes[level], algorithm=algorithms[level])
+  return held.reshape((-1,) + tail)
+
+
+def _levels_all_gather(x: jax.Array, axes, algorithms) -> jax.Array:
+  """`Levels`: outermost axis first, on 1/N of the buffer. [c, ...] -> [N*c, ...]."""
+  held = x.reshape(1, -1)  # rows in rank order over the levels gathered so far
+  for level, (axis, algorithm) in enumerate(zip(axes, algorithms, strict=True)):
+    got = all_gather(held, axis, algorithm=algorithm)  # [size, rows, c]: this level major
+    size = lax.axis_size(axis)
+    held = got.reshape(size, held.shape[0], -1).swapaxes(0, 1).reshape(size * held.shape[0], -1)
+  return held.reshape((held.shape[0] * x.shape[0],) + x.shape[1:])
+
+
 def padded_size(size: int, n: int) -> int:
   """Smallest multiple of n that is >= size."""
   return -(-size // n) * n
 
 
-def all_reduce(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") -> jax.Array:
+def all_reduce(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butterfly") -> jax.Array:
   """Sum over devices of an array of any shape: reduce-scatter then all-gather.
 
   The array is flattened and zero-padded to a multiple of N, so every device
@@ -300,7 +362,7 @@ def all_reduce(x: jax.Array, axis_name: str, *, algorithm: str = "butterfly") ->
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def all_gather_with_scatter_grad(shard: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
+def all_gather_with_scatter_grad(shard: jax.Array, axis_name: Axes, algorithm: Algorithms) -> jax.Array:
   """All-gather whose backward is the reduce-scatter. [c, ...] -> [N*c, ...].
 
   Forward: every device's rows are gathered (e.g. the local batch's features
@@ -323,7 +385,7 @@ all_gather_with_scatter_grad.defvjp(_gather_fwd, _gather_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def reduce_scatter_with_gather_grad(x: jax.Array, axis_name: str, algorithm: str) -> jax.Array:
+def reduce_scatter_with_gather_grad(x: jax.Array, axis_name: Axes, algorithm: Algorithms) -> jax.Array:
   """Reduce-scatter whose backward is the all-gather. [N*c, ...] -> [c, ...].
 
   Used where each device holds partial sums of a full-batch activation (FC2

@@ -1,7 +1,9 @@
 """The tensor-parallel FC head of the hybrid strategy (paper section 3.2).
 
-Run inside `shard_map` over one mesh axis of N devices; the conv layers before
-it are data parallel, so each device enters with its own b = B / N images.
+Run inside `shard_map`, tensor parallel over one mesh axis of N devices (all
+devices, or on a node x local mesh the L devices of a node: B below is then the
+node's L b images); the conv layers before it are data parallel, so each device
+enters with its own b images.
 Parameters are the local parts of the `VGG` head (`fc1`, `fc2`, `fc3`):
 
 =====  ===================  ============================================
@@ -43,6 +45,7 @@ def tensor_parallel_head(
   *,
   axis: str,
   algorithm: str,
+  batch_axes=None,
   dtype=jnp.float32,
   dropout_rate: float = 0.0,
   dropout_key: jax.Array | None = None,
@@ -55,6 +58,9 @@ def tensor_parallel_head(
       [H1/N, H2], 'bias' [H2]}, 'fc3': {'kernel' [H2, C], 'bias' [C]}}: this
       device's parts.
     feats: this device's conv features (local batch b).
+    axis / algorithm: the tensor-parallel axis and its collective algorithm.
+    batch_axes: the axes (or tuple of axes, outer first) the global batch is split
+      over, for the global example index of each row (dropout masks); None: `axis`.
     dropout_key: the step's dropout key (None: no dropout); masks as in
       `VGG.head` for the same global examples.
     micro_batches: the local batch runs through the head in this many parts
@@ -70,22 +76,25 @@ def tensor_parallel_head(
     raise ValueError(f"micro_batches={micro_batches} does not divide the local batch {b}")
   m = b // micro_batches
   x = feats.reshape(b, -1).astype(dtype)
+  rank = lax.axis_index(axis if batch_axes is None else batch_axes)
   parts = [
     _head_part(
-      fc, x[i * m : (i + 1) * m], i * m, b, axis, algorithm, dtype, dropout_rate, dropout_key
+      fc, x[i * m : (i + 1) * m], i * m, b, rank, axis, algorithm, dtype, dropout_rate, dropout_key
     )
     for i in range(micro_batches)
   ]
   return jnp.concatenate(parts) if micro_batches > 1 else parts[0]
 
 
-def _head_part(fc, x, offset, b, axis, algorithm, dtype, dropout_rate, dropout_key):
+def _head_part(fc, x, offset, b, rank, axis, algorithm, dtype, dropout_rate, dropout_key):
   """The head on local rows [offset, offset + m) of every device: x [m, F] -> logits [m, C].
 
-  Row j of device r is global example r b + offset + j (the dropout masks' index).
+  Row j of the device of batch rank `rank` is global example rank b + offset + j (the
+  dropout masks' index); the devices of `axis` have consecutive batch ranks.
   """
   m = x.shape[0]
-  n, rank = lax.axis_size(axis), lax.axis_index(axis)
+  n, local = lax.axis_size(axis), lax.axis_index(axis)
+  first = rank - local  # batch rank of the axis's first device
   x = collectives.all_gather_with_scatter_grad(x, axis, algorithm)  # [N m, F]
   drop = dropout_rate > 0.0 and dropout_key is not None
   h1 = x @ fc["fc1"]["kernel"].astype(dtype) + fc["fc1"]["bias"].astype(dtype)
@@ -94,11 +103,13 @@ def _head_part(fc, x, offset, b, axis, algorithm, dtype, dropout_rate, dropout_k
     cols = h1.shape[1]
     # Each example's full [H1] mask, then this device's columns: the mask of
     # the 1-device program, at the cost of N m H1 random bits per device.
-    gathered_ids = (jnp.arange(n)[:, None] * b + offset + jnp.arange(m)[None, :]).reshape(-1)
+    gathered_ids = (
+      (first + jnp.arange(n))[:, None] * b + offset + jnp.arange(m)[None, :]
+    ).reshape(-1)
     keep = vgg.dropout_keep_mask(
       dropout_key, vgg.FC1_DROPOUT, gathered_ids, (cols * n,), dropout_rate
     )
-    keep = lax.dynamic_slice_in_dim(keep, rank * cols, cols, axis=1)
+    keep = lax.dynamic_slice_in_dim(keep, local * cols, cols, axis=1)
     h1 = vgg.apply_dropout(h1, keep, dropout_rate)
   partial = h1 @ fc["fc2"]["kernel"].astype(dtype)  # [N m, H2], summed over devices next
   # The bias is added once, after the sum.

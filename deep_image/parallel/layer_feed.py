@@ -17,11 +17,14 @@ class LayerFeed:
   """Inside the differentiated forward pass: each layer's parameters at its first use.
 
   When a layer whose last bucket is k is called with input x, its buckets and
-  bucket k + 1 are prepared (`prepare(k, x)`: the update) and passed through
-  their `buckets.sync_point` (lazy buckets: the all-gather), so backward
+  the buckets ahead of it (`ahead(k)`: k + 1, and more with parallel.prefetch_mb)
+  are prepared (`prepare(k, x)`: the update) and passed through their
+  `buckets.sync_point` (lazy buckets: the all-gather), so backward
   reduce-scatters each bucket's gradients there. So the work for bucket k + 1
   can overlap bucket k's layers, and no bucket is gathered before the forward
-  pass is one bucket away from it.
+  pass is that close to it. A 'split' bucket (node x local hybrid) is its split
+  leaves as they are, through a sync point that all-reduces their gradients over
+  the nodes.
   """
 
   def __init__(self, strategy, slots, split_ids, split_leaves, prepare):
@@ -40,18 +43,41 @@ class LayerFeed:
       names = layout_policy.path_names(path)
       self._leaves_of_layer.setdefault(names[0], []).append((i, names[-1]))
     self._busy = False
+    self._prefetch_bytes = strategy.config.parallel.prefetch_mb * 2**20
+
+  def ahead(self, k: int) -> list[int]:
+    """The buckets prepared at bucket k's layers: k + 1, and each later bucket j while the
+    buckets between (k+1 .. j-1) hold less than parallel.prefetch_mb MiB of parameters.
+
+    Far enough ahead that a large bucket's transfer (FC1's 616 MB under data) has the
+    compute of several buckets to hide behind, not one; 0 MiB: one bucket ahead.
+    """
+    out, between = [], 0.0
+    for j in range(k + 1, len(self._s.buckets)):
+      if out and between >= self._prefetch_bytes:
+        break
+      out.append(j)
+      between += self._s.buckets[j].elements * 4
+    return out
 
   def _ensure(self, k: int, after: jax.Array) -> jax.Array:
     """Prepare bucket k (once), not before `after`; returns `after` through its sync point."""
     if k >= len(self._s.buckets) or k in self._done:
       return after
     self._done.add(k)
-    bucket = self._s.buckets[k]
+    s, bucket = self._s, self._s.buckets[k]
+    if bucket.kind == "split":  # updated already (`_update_split`): no fetch, a sync only
+      values = tuple(self._usable[i] for i in bucket.leaves)
+      usable, after = buckets.sync_point(
+        self._slots[k], values, after, s.node_axis, s.node_algorithm, None, s.grad_dtype, True
+      )
+      self._usable.update(zip(bucket.leaves, usable, strict=True))
+      return after
     parts, new_opt = self._prepare(k, after)
     lazy = bucket.kind == "lazy"
-    gather_to = self._s.shapes_of(bucket) if lazy else None
+    gather_to = s.shapes_of(bucket) if lazy else None
     usable, after = buckets.sync_point(
-      self._slots[k], tuple(parts), after, self._s.axis, self._s.algorithm, gather_to
+      self._slots[k], tuple(parts), after, s.axis, s.algorithm, gather_to, s.grad_dtype
     )
     self._usable.update(zip(bucket.leaves, usable, strict=True))
     self._parts.update(zip(bucket.leaves, parts, strict=True))
@@ -66,7 +92,7 @@ class LayerFeed:
     """
     ks = self._buckets_of_layer.get(name, [])
     if ks:
-      ks = [*ks, max(ks) + 1]  # this layer's buckets and the next one
+      ks = [*ks, *self.ahead(max(ks))]  # this layer's buckets and those ahead
       if not self._done:
         # The model's input: no gradient is needed there, and threading it through
         # the sync points would make backward compute one (a wasted convolution).

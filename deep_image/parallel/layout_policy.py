@@ -15,7 +15,8 @@ strategy parallel.conv layouts
 data     (any)        everything replicated
 lazy     (any)        kernels lazy (1/N per device); biases replicated
 hybrid   data         FC1 split on its output columns, FC2's kernel on its input
-                      rows; the rest replicated
+                      rows (over the innermost mesh axis: all devices, or the
+                      devices of a node); the rest replicated
 hybrid   lazy         as hybrid / data, but conv kernels lazy
 gspmd    (any)        as hybrid / data: where XLA puts them under the model's
                       logical axes (`vgg.MODEL_AXIS`, parallel.shard_fc=True);
@@ -34,6 +35,7 @@ on every device. FC3, the classifier, is never split (`deep_image.models.vgg`).
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Sequence
 
 import jax
@@ -91,7 +93,7 @@ def plan_buckets(
   layer_order: Sequence[str],
   leaf_names: Sequence[Sequence[str]],
   leaf_sizes: Sequence[int],
-  n: int,
+  mesh: int | Sequence[int],
   bucket_mb: float,
   bytes_per_element: int = 4,
 ) -> tuple[buckets.Bucket, ...]:
@@ -100,18 +102,37 @@ def plan_buckets(
   Args:
     layer_order: layer names, forward order (`vgg.layer_names`).
     leaf_names / leaf_sizes: per leaf (tree-leaves order), its path names and elements.
-    n: devices on the axis; bucket_mb: `parallel.bucket_mb`.
+    mesh: the mesh's axis sizes larger than 1, outer first (an int: one axis);
+      split leaves are split over the innermost (`tensor_devices`).
+    bucket_mb: `parallel.bucket_mb`.
   """
+  sizes = mesh_levels(mesh)
   leaf_layouts = [layout_of(strategy, conv, names) for names in leaf_names]
   return buckets.plan(
     list(layer_order),
     [names[0] for names in leaf_names],
     leaf_layouts,
     list(leaf_sizes),
-    n,
+    math.prod(sizes),
     bucket_mb * 2**20,
     bytes_per_element,
+    tensor_n=tensor_devices(sizes),
   )
+
+
+def mesh_levels(mesh: int | Sequence[int]) -> tuple[int, ...]:
+  """The levels of a mesh: its axis sizes larger than 1, outer first ((1,): one device)."""
+  sizes = (mesh,) if isinstance(mesh, int) else tuple(int(s) for s in mesh)
+  return tuple(s for s in sizes if s > 1) or (1,)
+
+
+def tensor_devices(mesh: int | Sequence[int]) -> int:
+  """Over how many devices split (tensor-parallel) leaves are split: the innermost level.
+
+  One axis: all devices (the paper's model parallelism). node x local: the devices of a
+  node, so the FC activations never cross nodes; the nodes are data parallel.
+  """
+  return mesh_levels(mesh)[-1]
 
 
 def stored_fraction(layout: Layout, n: int) -> float:

@@ -1,4 +1,10 @@
-"""The data, lazy and hybrid strategies: one explicit shard_map program over one mesh axis.
+"""The data, lazy and hybrid strategies: one explicit shard_map program over the mesh.
+
+The mesh has one axis of N devices, or two, node x local (outer first, N = Nn L):
+then every all-device collective runs level by level (`collectives` "Levels":
+inside nodes on the whole buffer, across nodes on 1/L of it) and hybrid splits
+FC1/FC2 over `local` only, its nodes data parallel (FC shards all-reduced over
+`node` in 'split' buckets).
 
 Each parameter's layout comes from `layout_policy` (replicated, lazy, split);
 gradients are synchronized in buckets (`buckets`), each layer's parameters are
@@ -31,7 +37,7 @@ from deep_image.parallel.train_state import PendingUpdate, TrainState
 
 
 class ShardMapStrategy(Strategy):
-  """data / lazy / hybrid: an explicit shard_map program over one mesh axis.
+  """data / lazy / hybrid: an explicit shard_map program over one mesh axis or node x local.
 
   `layout_policy` gives each parameter's `layouts.Layout`. One step:
 
@@ -51,10 +57,22 @@ class ShardMapStrategy(Strategy):
   def __init__(self, config, model, tx, mesh, name: str, preprocess=None):
     super().__init__(config, model, tx, mesh, preprocess)
     self.name = name
-    (self.axis,) = [a for a in mesh.axis_names if mesh.shape[a] > 1] or [mesh.axis_names[0]]
-    self.n = mesh.shape[self.axis]
     par = config.parallel
-    self.algorithm = par.collective
+    # The levels: the axes larger than 1, outer first; `axis` is what all-device
+    # collectives, the batch and 1/N layouts run over (a tuple: level by level).
+    self.axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or (mesh.axis_names[0],)
+    self.axis = self.axes if len(self.axes) > 1 else self.axes[0]
+    self.n = mesh.size
+    # Split (tensor-parallel) leaves are split over the innermost axis; their shards
+    # are data parallel over the outer one (none on a one-axis mesh).
+    self.tensor_axis = self.axes[-1]
+    self.node_axis = self.axes[0] if len(self.axes) > 1 else None
+    self.tensor_n = mesh.shape[self.tensor_axis]
+    node_algorithm = par.node_collective or par.collective
+    self.algorithm = (node_algorithm, par.collective) if self.node_axis else par.collective
+    self.node_algorithm = node_algorithm
+    self.tensor_algorithm = par.collective
+    self.grad_dtype = par.grad_dtype
     # One device has no traffic for the deferred update to hide, and deferring costs it
     # a separate pass of the step metrics over every parameter (8% of a Table 2 step on
     # one H200, BENCHMARKS.md): it runs the `none` schedule, the same SGD.
@@ -74,7 +92,7 @@ class ShardMapStrategy(Strategy):
       layer_names(model.spec),
       [layout_policy.path_names(p) for p, _ in paths_shapes],
       [math.prod(shape) for shape in self._leaf_shapes],
-      self.n,
+      tuple(mesh.shape[a] for a in self.axes),
       par.bucket_mb,
     )
     self.tensor_parallel_fc = any(lo.kind == "split" for lo in self._leaf_layouts)
@@ -82,6 +100,17 @@ class ShardMapStrategy(Strategy):
     self._to_full = None
 
   # --- layout of the state -------------------------------------------------
+  def _spec(self, layout: layouts.Layout, ndim: int) -> P:
+    """PartitionSpec of a stored array: split over the tensor axis, 1/N over all levels."""
+    return layouts.stored_spec(layout, ndim, self.tensor_axis if layout.kind == "split" else self.axis)
+
+  def local_shape(self, i: int) -> tuple[int, ...]:
+    """The shape of leaf i's part on one device, inside shard_map (split: its shard)."""
+    shape, lo = self._leaf_shapes[i], self._leaf_layouts[i]
+    if lo.kind != "split":
+      return shape
+    return tuple(d // self.tensor_n if k == lo.dim else d for k, d in enumerate(shape))
+
   def _stored_param_shapes(self):
     return jax.tree.map(
       lambda lo, x: jax.ShapeDtypeStruct(layouts.stored_shape(lo, x.shape, self.n), x.dtype),
@@ -93,7 +122,7 @@ class ShardMapStrategy(Strategy):
   def _stored_param_shardings(self):
     # stored_spec depends on the stored rank: a lazy leaf is 1-D.
     return jax.tree.map(
-      lambda lo, x: NamedSharding(self.mesh, layouts.stored_spec(lo, len(x.shape), self.axis)),
+      lambda lo, x: NamedSharding(self.mesh, self._spec(lo, len(x.shape))),
       self.layouts,
       self._stored_param_shapes(),
       is_leaf=_is_layout,
@@ -115,8 +144,7 @@ class ShardMapStrategy(Strategy):
       return None
     grads = jax.tree.map(
       lambda lo, x: NamedSharding(
-        self.mesh,
-        layouts.stored_spec(lo, len(layouts.stored_shape(lo, x.shape, self.n)), self.axis),
+        self.mesh, self._spec(lo, len(layouts.stored_shape(lo, x.shape, self.n)))
       ),
       self.pending_layouts,
       self.param_shapes,
@@ -128,8 +156,7 @@ class ShardMapStrategy(Strategy):
     """Model-layout parameters: split ones as stored, the rest replicated."""
     return jax.tree.map(
       lambda lo, x: NamedSharding(
-        self.mesh,
-        layouts.stored_spec(lo, len(x.shape), self.axis) if lo.kind == "split" else P(),
+        self.mesh, self._spec(lo, len(x.shape)) if lo.kind == "split" else P()
       ),
       self.layouts,
       self.param_shapes,
@@ -196,8 +223,9 @@ class ShardMapStrategy(Strategy):
     return fc_block.tensor_parallel_head(
       fc,
       feats,
-      axis=self.axis,
-      algorithm=self.algorithm,
+      axis=self.tensor_axis,
+      algorithm=self.tensor_algorithm,
+      batch_axes=self.axis,
       dtype=model.dtype,
       dropout_rate=rate,
       dropout_key=dropout_key,
@@ -217,7 +245,11 @@ class ShardMapStrategy(Strategy):
     for bucket in self.buckets:
       if bucket.kind == "replicated":
         full = buckets.gather(
-          [grads[i] for i in bucket.leaves], self.shapes_of(bucket), self.axis, self.algorithm
+          [grads[i] for i in bucket.leaves],
+          self.shapes_of(bucket),
+          self.axis,
+          self.algorithm,
+          self.grad_dtype,
         )
         for i, g in zip(bucket.leaves, full, strict=True):
           grads[i] = g
@@ -229,22 +261,30 @@ class ShardMapStrategy(Strategy):
     """grad_norm, param_norm (after the update) and update_norm of the full model.
 
     Computed on this device's 1/N part of everything (replicated parameters cut to
-    their chunk): the update of the parts is the part of the update (elementwise
-    optimizer), and the parts are disjoint, so one psum of squares gives each norm.
+    their chunk, split shards on a node x local mesh to their chunk over the nodes):
+    the update of the parts is the part of the update (elementwise optimizer), and
+    the parts are disjoint, so one psum of squares gives each norm.
     """
-    axis = self.axis
 
     def part(x, lo):
-      return buckets.chunk_of(x, axis) if lo.kind == "replicated" else x
+      if lo.kind == "replicated":
+        return buckets.chunk_of(x, self.axis)
+      if lo.kind == "split" and self.node_axis:
+        return buckets.chunk_of(x, self.node_axis)
+      return x
 
     params = jax.tree.map(part, params, self.layouts)
     opt_state = optax.tree_map_params(self.tx, part, opt_state, self.layouts)
+    # Pending gradients are 1/N already, but for split shards (whole on each node).
+    grads = jax.tree.map(
+      lambda g, lo: part(g, lo) if lo.kind == "split" else g, grads, self.layouts
+    )
     updates, _ = self.tx.update(grads, opt_state, params)
     parts = (grads, optax.apply_updates(params, updates), updates)
     squares = [
       sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t)) for t in parts
     ]
-    grad_norm, param_norm, update_norm = jnp.sqrt(lax.psum(jnp.stack(squares), axis))
+    grad_norm, param_norm, update_norm = jnp.sqrt(lax.psum(jnp.stack(squares), self.axis))
     return dict(grad_norm=grad_norm, param_norm=param_norm, update_norm=update_norm)
 
   def _update_some(self, leaf_ids, grads, params, opt_state, valid):
@@ -315,7 +355,9 @@ class ShardMapStrategy(Strategy):
     new_opt_k = None
     if pending is not None:
       if bucket.kind == "replicated":  # the all-gather half of the synchronization
-        grads = buckets.gather(grads, self.shapes_of(bucket), self.axis, self.algorithm)
+        grads = buckets.gather(
+          grads, self.shapes_of(bucket), self.axis, self.algorithm, self.grad_dtype
+        )
       parts, new_opt_k = self._update_some(bucket.leaves, grads, params, opt_state, pending.valid)
     return parts, new_opt_k
 
@@ -364,13 +406,17 @@ class ShardMapStrategy(Strategy):
     return params, jax.tree.unflatten(jax.tree.structure(opt_state), opt_flat)
 
   def _reduced_gradients(self, slot_grads, split_grads) -> PendingUpdate:
-    """The step's synchronized gradients in the pending layout (1/N of replicated ones)."""
+    """The step's synchronized gradients in the pending layout (1/N of replicated ones).
+
+    Split leaves: their shard's gradient, from the backward pass (one axis) or from
+    their 'split' bucket's all-reduce over the nodes (node x local).
+    """
     grads = [None] * len(self._leaf_shapes)
-    for bucket, g in zip(self.buckets, slot_grads, strict=True):
-      for i, part in zip(bucket.leaves, buckets.split_chunks(g, bucket.chunks), strict=True):
-        grads[i] = part
     for i, g in zip(self._split_ids, split_grads, strict=True):
       grads[i] = g
+    for bucket, g in zip(self.buckets, slot_grads, strict=True):
+      for i, part in zip(bucket.leaves, buckets.split_chunks(g, bucket.chunks), strict=True):
+        grads[i] = part.reshape(self.local_shape(i)) if bucket.kind == "split" else part
     return PendingUpdate(jax.tree.unflatten(self._treedef, grads), jnp.ones((), bool))
 
   def _local_step(self, state: TrainState, images, labels):
@@ -395,7 +441,7 @@ class ShardMapStrategy(Strategy):
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def _build_train_step(self):
-    """`_local_step` under shard_map (batch split over the axis), jitted, donating the state."""
+    """`_local_step` under shard_map (batch split over all levels), jitted, donating the state."""
     shardings = self.state_shardings()
     specs = jax.tree.map(lambda s: s.spec, shardings)
     batch_spec = P(self.axis)

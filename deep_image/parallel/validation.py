@@ -15,7 +15,7 @@ import math
 
 from deep_image.config_error import ConfigError
 from deep_image.models.vgg import MODELS
-from deep_image.parallel import collectives
+from deep_image.parallel import buckets, collectives, layout_policy
 from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel.layout_policy import CONV_MODES, STRATEGIES
 
@@ -60,6 +60,19 @@ def validate_parallel_config(config, num_devices: int) -> ParallelPlan:
       f"parallel.strategy={par.strategy!r} is not a known strategy; choose from {STRATEGY_CHOICES}"
     )
   collectives.check_algorithm(par.collective)
+  if par.node_collective:
+    try:
+      collectives.check_algorithm(par.node_collective)
+    except ConfigError as e:
+      raise ConfigError(str(e).replace("parallel.collective", "parallel.node_collective")) from None
+  if par.grad_dtype not in buckets.GRAD_DTYPES:
+    raise ConfigError(
+      f"parallel.grad_dtype={par.grad_dtype!r} must be one of {tuple(buckets.GRAD_DTYPES)}"
+    )
+  if not par.prefetch_mb >= 0:
+    raise ConfigError(
+      f"parallel.prefetch_mb={par.prefetch_mb!r} must be >= 0 (0: one bucket ahead)"
+    )
   if par.strategy in ("hybrid", AUTO) and par.conv not in CONV_MODES:
     raise ConfigError(f"parallel.conv={par.conv!r} must be one of {CONV_MODES}")
   if par.overlap not in OVERLAPS:
@@ -96,10 +109,10 @@ def validate_parallel_config(config, num_devices: int) -> ParallelPlan:
 def _strategy_problem(config, strategy: str, axis_sizes: dict[str, int]) -> str | None:
   """Why `strategy` cannot run on this mesh (the one-line error), or None."""
   par = config.parallel
-  if strategy != "gspmd" and sum(s > 1 for s in axis_sizes.values()) > 1:
+  if strategy != "gspmd" and sum(s > 1 for s in axis_sizes.values()) > 2:
     return (
-      f"parallel.strategy={strategy!r} runs over one mesh axis, but parallel.mesh="
-      f"{tuple(par.mesh)} has several axes larger than 1"
+      f"parallel.strategy={strategy!r} runs over one axis or two (node x local), but "
+      f"parallel.mesh={tuple(par.mesh)} has more than two axes larger than 1"
     )
   split_over = fc_split_devices(par, strategy, axis_sizes)
   h1 = MODELS[config.model.name]["fc"][0] if config.model.name in MODELS else None
@@ -115,7 +128,7 @@ def _strategy_problem(config, strategy: str, axis_sizes: dict[str, int]) -> str 
 def fc_split_devices(par, strategy: str, axis_sizes: dict[str, int]) -> int:
   """Over how many devices `strategy` splits the FC1/FC2 weights (1: not split)."""
   if strategy == "hybrid":
-    return math.prod(axis_sizes.values())
+    return layout_policy.tensor_devices(tuple(axis_sizes.values()))
   if strategy != "gspmd" or not par.shard_fc:
     return 1
   model_axes = par.model_axes or tuple(axis_sizes)

@@ -70,11 +70,14 @@ data.augment.color_cast.channel_probability 0.5          chance each channel is 
 data.augment.color_cast.max_shift       20               shift bound (grid -20..20)
 parallel.strategy                       'hybrid'         'gspmd'|'data'|'lazy'|'hybrid'|'auto'
 parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
+parallel.node_collective                ''               node x local: across nodes ('': as collective)
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
 parallel.overlap                        'deferred'       'none' | 'deferred' (1 device: as none)
 parallel.bucket_mb                      25.0             MiB of gradients per bucket (0: per layer)
 parallel.fc_micro_batches               0                hybrid FC head in parts (0: GPU 2, else 1)
-parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1: the rest
+parallel.prefetch_mb                    0.0              fetch buckets this many MiB ahead (0: one)
+parallel.grad_dtype                     'float32'        gradient collectives: 'float32' | 'bfloat16'
+parallel.mesh                           (('data', -1),)  (axis, size) pairs, one -1; two: node x local
 parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
 parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
 parallel.num_devices                    8                CPU-only: host devices to simulate
@@ -147,10 +150,13 @@ def _job() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "hybrid"
   c.parallel.collective = "butterfly"
+  c.parallel.node_collective = ""
   c.parallel.conv = "data"
   c.parallel.overlap = "deferred"
   c.parallel.bucket_mb = 25.0
   c.parallel.fc_micro_batches = 0
+  c.parallel.prefetch_mb = 0.0
+  c.parallel.grad_dtype = "float32"
   c.parallel.mesh = (("data", -1),)
   c.parallel.model_axes = ()
   c.parallel.shard_fc = True
