@@ -1,6 +1,7 @@
 """What `experiments.compile_gpu` compiles and reports: the configurations (strategy x
-collective x overlap), one deviceless compile's memory and async collectives
-(`deep_image.analysis.overlap`), and the markdown tables."""
+collective x overlap, on one mesh), one deviceless compile's memory, async collectives
+(`deep_image.analysis.overlap`) and bytes across hosts (`deep_image.analysis.cross_host`),
+and the markdown tables."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import time
 from typing import Sequence
 
+from deep_image.analysis.cross_host import cross_host_bytes
 from deep_image.analysis.overlap import async_collectives, overlap_summary
 from experiments import step_programs
 from experiments.markdown import mib, table
@@ -25,27 +27,57 @@ def _where(op_name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Configuration:
-  """One compiled program: its table label and config fields."""
+  """One compiled program: its table label and config fields.
+
+  `mesh`: parallel.mesh, () for the config's default (one axis over all devices);
+  `node_collective`: parallel.node_collective of a two-axis mesh ('' = collective).
+  """
 
   label: str
   strategy: str
   collective: str
   overlap: str
+  mesh: tuple = ()
+  node_collective: str = ""
+
+  @property
+  def token(self) -> str:
+    """The label without spaces: one word for `cross_host_mib_per_gpu <token> <value>`."""
+    return self.label.replace(" ", "")
+
+
+def mesh_label(mesh: tuple) -> str:
+  """'node 8 x local 8' for (('node', 8), ('local', 8)); '' for () or a one-axis mesh."""
+  if len(mesh) < 2:
+    return ""
+  return " x ".join(f"{name} {size}" for name, size in mesh)
 
 
 def configurations(
-  strategies: Sequence[str], collectives: Sequence[str], overlaps: Sequence[str], conv: str
+  strategies: Sequence[str],
+  collectives: Sequence[str],
+  overlaps: Sequence[str],
+  conv: str,
+  mesh: tuple = (),
+  node_collective: str = "",
 ) -> list[Configuration]:
-  """gspmd once (XLA's own collectives), each shard_map strategy x collective x overlap."""
+  """gspmd once (XLA's own collectives), each shard_map strategy x collective x overlap;
+  all on `mesh` (named in the label when it has two axes, with the node level's algorithm
+  when it differs)."""
+  where = mesh_label(mesh)
+  if where and node_collective:
+    where += f" (node: {node_collective})"
+  suffix = f" / {where}" if where else ""
   out = []
   for s in strategies:
     if s == "gspmd":
-      out.append(Configuration("gspmd", "gspmd", "xla", "none"))
+      out.append(Configuration("gspmd" + suffix, "gspmd", "xla", "none", mesh))
       continue
     name = f"hybrid(conv={conv})" if s == "hybrid" else s
     for alg in collectives:
       for ov in overlaps:
-        out.append(Configuration(f"{name} / {alg} / {ov}", s, alg, ov))
+        label = f"{name} / {alg} / {ov}{suffix}"
+        out.append(Configuration(label, s, alg, ov, mesh, node_collective))
   return out
 
 
@@ -57,7 +89,20 @@ def make_config(cfg: Configuration, *, model, image_size, batch, classes, dtype,
   )
   c.model.dtype = dtype
   c.parallel.bucket_mb = bucket_mb
+  if cfg.mesh:
+    c.parallel.mesh = tuple(cfg.mesh)
+  if cfg.node_collective:
+    if "node_collective" not in c.parallel:
+      raise ValueError("this config has no parallel.node_collective field")
+    c.parallel.node_collective = cfg.node_collective
   return c
+
+
+def device_hosts(mesh) -> list[int]:
+  """The host of each of the program's devices: positions in `mesh.devices.flat` (how an
+  SPMD program numbers them; deep_image.analysis.cross_host) mapped to `process_index`
+  (on the deviceless topology `1xHxD`: device id // D)."""
+  return [int(dev.process_index) for dev in mesh.devices.flat]
 
 
 def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dict:
@@ -76,6 +121,7 @@ def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dic
       f.write(text)
   mem = compiled.memory_analysis()
   found = async_collectives(text)
+  cross = cross_host_bytes(text, device_hosts(strategy.mesh))
   return dict(
     cfg=cfg,
     seconds=seconds,
@@ -84,6 +130,7 @@ def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dic
     collectives=found,
     summary=overlap_summary(found),
     buckets=len(getattr(strategy, "buckets", ())),
+    cross_host=cross,
   )
 
 
@@ -105,6 +152,8 @@ def report(results: list[dict]) -> str:
       _pct(r["summary"].heavy, r["summary"].count),
       _pct(r["summary"].heavy_bytes, r["summary"].bytes),
       f"{r['summary'].bytes / 2**20:,.1f}",
+      f"{r['cross_host'].max / 2**20:,.1f}",
+      f"{r['cross_host'].mean / 2**20:,.1f}",
       r["summary"].sync,
       f"{r['seconds']:.0f}",
     )
@@ -122,6 +171,8 @@ def report(results: list[dict]) -> str:
       "conv/GEMM inside (count)",
       "conv/GEMM inside (bytes)",
       "async MiB",
+      "cross-host MiB / GPU (max)",
+      "cross-host MiB / GPU (mean)",
       "marked sync",
       "compile s",
     ),
@@ -155,3 +206,11 @@ def report(results: list[dict]) -> str:
   )
   lines.append(table(header, bare) if bare else "(none)")
   return "\n".join(lines)
+
+
+def cross_host_lines(results: list[dict]) -> list[str]:
+  """One `cross_host_mib_per_gpu <configuration> <MiB>` line per configuration: MiB per
+  step that the device sending the most across hosts sends (deep_image.analysis.cross_host)."""
+  return [
+    f"cross_host_mib_per_gpu {r['cfg'].token} {r['cross_host'].max / 2**20:.2f}" for r in results
+  ]

@@ -1,5 +1,7 @@
 """The async-window analysis (deep_image.analysis.overlap) on a hand-written scheduled module
-(no CUDA), and what experiments.compile_gpu compiles (experiments.gpu_overlap, gpu_target)."""
+(no CUDA), and what experiments.compile_gpu compiles (experiments.gpu_overlap, gpu_target):
+configurations, meshes, the bytes across hosts it reports (deep_image.analysis.cross_host,
+tests/test_cross_host.py)."""
 
 # ruff: noqa: E501  (HLO instruction lines are long, as XLA prints them)
 
@@ -8,7 +10,7 @@ import importlib.util
 import pytest
 
 from deep_image.analysis import hlo, overlap
-from experiments import gpu_overlap, gpu_target
+from experiments import compile_gpu, gpu_overlap, gpu_target
 
 # A scheduled module in the shape `compiled.as_text()` prints for a GPU: start/done pairs,
 # an async-start wrapping a reduce-scatter, a copy-start (not a collective), a cuDNN conv.
@@ -117,6 +119,34 @@ def test_configurations_cross_product():
   assert configs[0] == gpu_overlap.Configuration("gspmd", "gspmd", "xla", "none")
   assert len(configs) == 1 + 2 * 2 * 2
   assert configs[-1].label == "hybrid(conv=lazy) / xla / deferred"
+  assert configs[-1].token == "hybrid(conv=lazy)/xla/deferred"
+
+
+def test_configurations_on_a_two_axis_mesh():
+  mesh = compile_gpu.parse_mesh("(('node',8),('local',8))")
+  assert mesh == (("node", 8), ("local", 8))
+  assert compile_gpu.parse_mesh("") == ()
+  for bad in ("node=8", "(('node', 8.5),)", "((8, 'node'),)"):
+    with pytest.raises(ValueError, match="--mesh"):
+      compile_gpu.parse_mesh(bad)
+  configs = gpu_overlap.configurations(["gspmd", "data"], ["ring"], ["deferred"], "data", mesh)
+  assert [c.label for c in configs] == [
+    "gspmd / node 8 x local 8",
+    "data / ring / deferred / node 8 x local 8",
+  ]
+  assert configs[1].token == "data/ring/deferred/node8xlocal8"
+  assert all(c.mesh == mesh for c in configs)
+  two = gpu_overlap.configurations(["data"], ["ring"], ["deferred"], "data", mesh, "butterfly")
+  assert two[0].label == "data / ring / deferred / node 8 x local 8 (node: butterfly)"
+  assert two[0].node_collective == "butterfly"
+  # A one-axis mesh is today's label.
+  flat = gpu_overlap.configurations(["data"], ["ring"], ["deferred"], "data", (("data", 8),))
+  assert flat[0].label == "data / ring / deferred"
+  config = gpu_overlap.make_config(
+    configs[1], model="vgg_tiny", image_size=8, batch=4, classes=10, dtype="float32",
+    conv="data", bucket_mb=1,
+  )  # fmt: skip
+  assert tuple(config.parallel.mesh) == mesh
 
 
 def test_missing_cuda_says_how_to_set_up(monkeypatch):
@@ -153,3 +183,10 @@ def test_compile_one_on_cpu_devices():
   assert r["summary"].count == len(r["collectives"]) and r["summary"].fraction == 1.0
   text = gpu_overlap.report([r])
   assert "| lazy / butterfly / deferred |" in text and "(none)" in text
+  assert "cross-host MiB / GPU (max)" in text
+  # Both CPU devices are process 0: one host, nothing crosses.
+  assert r["cross_host"].per_device == (0.0, 0.0)
+  assert gpu_overlap.device_hosts(jax.sharding.Mesh(jax.devices()[:2], ("data",))) == [0, 0]
+  assert gpu_overlap.cross_host_lines([r]) == [
+    "cross_host_mib_per_gpu lazy/butterfly/deferred 0.00"
+  ]
