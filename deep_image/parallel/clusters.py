@@ -4,6 +4,22 @@
 Minwa, an H100 cluster and the simulated CPU devices of the tests, each number
 with its source. `cluster_for_mesh` picks the preset for a mesh's devices
 (`parallel.strategy='auto'`).
+
+Links. Inside a node every device has its own link to every other (PCIe,
+NVLink through NVSwitch). Between nodes a device's traffic leaves through *its*
+NIC: the node's devices are attached to its NICs in runs of `devices_per_nic`
+consecutive local ranks, and the devices of one run share that NIC's bandwidth.
+A device cannot use another device's NIC: an algorithm uses several NICs of a
+node only by having several devices send at once.
+
+=======  =====  ==========  =========================  =========================
+preset   GPUs   per node    in a node (per direction)  between nodes, per NIC
+=======  =====  ==========  =========================  =========================
+minwa    <=144  4 (36 x 4)  PCIe 3.0: 10 GB/s          1 FDR IB per node, shared
+                                                       by its 4 GPUs: 6 GB/s
+h100     <=512  8 (64 x 8)  NVLink 4: 450 GB/s         1 NDR IB per GPU: 50 GB/s
+cpu      1024   1024 (1)    memcpy: 10 GB/s / N        (one host)
+=======  =====  ==========  =========================  =========================
 """
 
 from __future__ import annotations
@@ -27,8 +43,11 @@ class Cluster:
     utilisation: fraction of peak that a VGG layer reaches (see the presets).
     intra_bandwidth: bytes/s one device sends to another of its node (per direction).
     intra_latency: seconds per message inside a node.
-    inter_bandwidth: bytes/s of a node's inter-node links together, per
-      direction, shared by the node's devices that send across it at once.
+    nic_bandwidth: bytes/s of one NIC (a node's link to the other nodes), per
+      direction, shared by the devices attached to it that send (or receive)
+      across nodes at once.
+    devices_per_nic: consecutive local ranks attached to one NIC (1: a NIC per
+      device; devices_per_node: one NIC for the whole node).
     inter_latency: seconds per message between nodes.
     bytes_per_value: bytes of a parameter / gradient value (4: float32).
     overlaps_comm: whether collectives run concurrently with compute.
@@ -47,7 +66,8 @@ class Cluster:
   utilisation: float
   intra_bandwidth: float
   intra_latency: float
-  inter_bandwidth: float
+  nic_bandwidth: float
+  devices_per_nic: int
   inter_latency: float
   bytes_per_value: int = 4
   overlaps_comm: bool = True
@@ -62,6 +82,15 @@ class Cluster:
   @property
   def max_devices(self) -> int:
     return self.devices_per_node * self.num_nodes
+
+  @property
+  def nics_per_node(self) -> int:
+    return -(-self.devices_per_node // self.devices_per_nic)
+
+  @property
+  def inter_bandwidth(self) -> float:
+    """bytes/s of all of a node's NICs together, per direction (reports)."""
+    return self.nics_per_node * self.nic_bandwidth
 
 
 PRESETS: dict[str, Cluster] = {
@@ -84,8 +113,10 @@ PRESETS: dict[str, Cluster] = {
     # A CUDA copy / MPI message between GPUs of a node: ~10 us of overhead.
     intra_latency=10e-6,
     # FDR 4x: 56 Gb/s signalling x 64/66 encoding = 6.8 GB/s; MPI (MVAPICH2)
-    # point-to-point reaches ~6 GB/s. One adapter per node, shared by 4 GPUs.
-    inter_bandwidth=6.0e9,
+    # point-to-point reaches ~6 GB/s. Paper section 2: one adapter per node,
+    # shared by its 4 GPUs.
+    nic_bandwidth=6.0e9,
+    devices_per_nic=4,
     # GPUDirect RDMA MPI latency, a few us; round up for the CUDA side.
     inter_latency=10e-6,
     # K40m data sheet: 288 GB/s GDDR5.
@@ -94,9 +125,11 @@ PRESETS: dict[str, Cluster] = {
   # A modern cluster: DGX/HGX H100 SXM nodes.
   "h100": Cluster(
     name="h100",
-    description="nodes of 8 H100 SXM, NVLink 4 in a node, 8 x 400 Gb/s InfiniBand per node",
+    description="nodes of 8 H100 SXM, NVLink 4 in a node, one 400 Gb/s InfiniBand NIC per GPU",
     devices_per_node=8,
-    num_nodes=8,
+    # Up to 64 nodes (512 GPUs, issue 19): two scalable units of 32 DGX H100
+    # nodes each (NVIDIA DGX SuperPOD reference architecture).
+    num_nodes=64,
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (tensor cores).
     peak_flops=989e12,
     # Measured: the 8-conv training step in bf16 on one H200 (the H100's tensor-core
@@ -108,8 +141,12 @@ PRESETS: dict[str, Cluster] = {
     # NVLink 4: 900 GB/s per GPU both ways, 450 GB/s per direction via NVSwitch.
     intra_bandwidth=450e9,
     intra_latency=5e-6,
-    # One 400 Gb/s NDR NIC per GPU: 8 x 50 GB/s per node.
-    inter_bandwidth=8 * 50e9,
+    # One 400 Gb/s NDR NIC per GPU (DGX H100: 8 ConnectX-7 single-port OSFP
+    # for the compute fabric, rail-aligned): 50 GB/s per direction per GPU.
+    # A GPU reaches another GPU's NIC only through that GPU, so one GPU sending
+    # alone across nodes gets 50 GB/s, not the node's 400.
+    nic_bandwidth=50e9,
+    devices_per_nic=1,
     inter_latency=5e-6,
     # Parameters and gradients are float32 here (model.dtype sets the compute dtype).
     bytes_per_value=4,
@@ -136,7 +173,8 @@ PRESETS: dict[str, Cluster] = {
     intra_bandwidth=10e9,
     # A rendezvous of the device threads on a loaded 2-core host.
     intra_latency=50e-6,
-    inter_bandwidth=10e9,
+    nic_bandwidth=10e9,
+    devices_per_nic=1024,
     inter_latency=50e-6,
     overlaps_comm=False,
     memory_bandwidth=10e9,
@@ -173,4 +211,6 @@ def cluster_for_mesh(mesh) -> Cluster:
       )
   hosts = len({d.process_index for d in mesh.devices.flat})
   per_node = max(1, mesh.size // hosts) if hosts > 1 else preset.devices_per_node
-  return dataclasses.replace(preset, devices_per_node=per_node)
+  return dataclasses.replace(
+    preset, devices_per_node=per_node, devices_per_nic=min(preset.devices_per_nic, per_node)
+  )
