@@ -207,6 +207,110 @@ def check_large_counts():
     check_gradients("butterfly", n)
     check_butterfly_traffic(n)
     print(f"butterfly ok on {n} devices", flush=True)
+  for algorithm in ("butterfly", "ring"):
+    check_levels((3, 4), algorithm)  # 12 as 3 nodes x 4
+  print("levels ok on 3 x 4", flush=True)
+
+
+# Two levels, outer first ((nodes, local)): every algorithm, one per level or the same.
+LEVEL_SHAPES = ((2, 4), (4, 2), (3, 2), (2, 3))
+LEVEL_ALGORITHMS = ("butterfly", "ring", "xla", ("ring", "butterfly"), ("butterfly", "direct"))
+
+
+def _level_mesh(shape):
+  devices = np.asarray(jax.devices()[: math.prod(shape)]).reshape(shape)
+  return Mesh(devices, ("node", "local"), axis_types=(AxisType.Auto,) * 2)
+
+
+def _run_levels(fn, shape, *xs):
+  """fn on each device's block of each x ([N * rows, ...], split over node x local)."""
+  spec = P(("node", "local"))
+  mapped = jax.shard_map(
+    fn, mesh=_level_mesh(shape), in_specs=(spec,) * len(xs), out_specs=spec, check_vma=False
+  )
+  return np.asarray(jax.jit(mapped)(*xs))
+
+
+LEVELS = ("node", "local")
+
+
+def check_levels(shape, algorithm):
+  """Values and gradients of the two-level collectives == lax's over both axes (node-major)."""
+  n = math.prod(shape)
+  x = _rank_coded(n, rows=2 * n)
+  got = _run_levels(lambda b: collectives.reduce_scatter(b, LEVELS, algorithm=algorithm), shape, x)
+  want = _run_levels(
+    lambda b: lax.psum_scatter(b, LEVELS, scatter_dimension=0, tiled=True), shape, x
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
+  y = _rank_coded(n, rows=2)
+  got = _run_levels(lambda b: collectives.all_gather(b, LEVELS, algorithm=algorithm), shape, y)
+  want = _run_levels(lambda b: lax.all_gather(b, LEVELS, axis=0, tiled=True), shape, y)
+  np.testing.assert_array_equal(got, want)
+  w = _rank_coded(n + 1, rows=2 * n)[: 2 * n * n]
+
+  def grad_of(gather, scatter):
+    def local(xb, wb):
+      return jax.grad(lambda v: jnp.sum(wb * gather(scatter(v))))(xb)
+
+    return _run_levels(local, shape, x, w)
+
+  ours = grad_of(
+    lambda v: collectives.all_gather_with_scatter_grad(v, LEVELS, algorithm),
+    lambda v: collectives.reduce_scatter_with_gather_grad(v, LEVELS, algorithm),
+  )
+  builtin = grad_of(
+    lambda v: lax.all_gather(v, LEVELS, axis=0, tiled=True),
+    lambda v: lax.psum_scatter(v, LEVELS, scatter_dimension=0, tiled=True),
+  )
+  np.testing.assert_allclose(ours, builtin, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", LEVEL_ALGORITHMS)
+@pytest.mark.parametrize("shape", LEVEL_SHAPES)
+def test_two_level_collectives_match_lax_over_both_axes(shape, algorithm):
+  check_levels(shape, algorithm)
+
+
+def test_two_level_reduce_scatter_sends_the_whole_buffer_inside_and_1_over_l_across():
+  """The levels' traffic: (L-1)/L of the buffer over 'local', (Nn-1)/Nn of 1/L over 'node'."""
+  shape, elements = (2, 4), 96
+  n = math.prod(shape)
+  x = jnp.zeros((n * elements,), jnp.float32)
+  spec = P(LEVELS)
+  mapped = jax.shard_map(
+    lambda b: collectives.reduce_scatter(b, LEVELS, algorithm="ring"),
+    mesh=_level_mesh(shape),
+    in_specs=spec,
+    out_specs=spec,
+    check_vma=False,
+  )
+  hlo = jax.jit(mapped).lower(x).compile().as_text()
+  ops = [op for op in bytes_sent.collective_ops(hlo) if op.kind == "collective-permute"]
+  per_pair = {}
+  for op in ops:
+    # Every permute of a level pairs devices of one node (local) or one local rank (node).
+    pairs = op.pairs
+    across = all(a // shape[1] != b // shape[1] for a, b in pairs)
+    inside = all(a // shape[1] == b // shape[1] for a, b in pairs)
+    assert across != inside, pairs
+    per_pair.setdefault("across" if across else "inside", []).append(op.operand_bytes)
+  buffer = elements * 4  # bytes per device's buffer
+  assert sum(per_pair["inside"]) == buffer * (shape[1] - 1) // shape[1]
+  assert sum(per_pair["across"]) == buffer // shape[1] * (shape[0] - 1) // shape[0]
+
+
+def test_one_algorithm_per_level_is_checked():
+  with pytest.raises(ValueError, match="one per level"):
+    _run_levels(
+      lambda b: collectives.all_gather(b, LEVELS, algorithm=("ring",)), (2, 4), _rank_coded(8, 2)
+    )
+  with pytest.raises(ValueError, match="parallel.collective='tree'"):
+    _run_levels(
+      lambda b: collectives.all_gather(b, LEVELS, algorithm=("ring", "tree")),
+      (2, 4),
+      _rank_coded(8, 2),
+    )
 
 
 def test_butterfly_on_more_devices_than_conftest_gives():
@@ -222,7 +326,10 @@ def test_butterfly_on_more_devices_than_conftest_gives():
     [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stdout.split("\n")[:-1] == [f"butterfly ok on {n} devices" for n in LARGE_COUNTS]
+  assert done.stdout.split("\n")[:-1] == [
+    *(f"butterfly ok on {n} devices" for n in LARGE_COUNTS),
+    "levels ok on 3 x 4",
+  ]
 
 
 _PERMUTE = re.compile(r"= f32\[([\d,]*)\]\S* collective-permute\(")
