@@ -39,8 +39,8 @@ import pytest
 from deep_image.models import losses
 from deep_image.models.vgg import make_model
 from deep_image.parallel import mesh as mesh_lib
-from deep_image.parallel.mesh import PATIENT_COLLECTIVES
 from deep_image.parallel import strategies, validation
+from deep_image.parallel.mesh import PATIENT_COLLECTIVES
 from deep_image.train.optimizer import make_optimizer
 from experiments.configs import base
 
@@ -242,7 +242,9 @@ TWO_LEVEL_CASES = (
 
 
 @pytest.mark.parametrize("strategy,conv,shape,collective,node_collective", TWO_LEVEL_CASES, ids=str)
-def test_node_x_local_mesh_trains_like_one_device(strategy, conv, shape, collective, node_collective):
+def test_node_x_local_mesh_trains_like_one_device(
+  strategy, conv, shape, collective, node_collective
+):
   """Hierarchical collectives, hybrid's FC split inside a node, its shards all-reduced
   across nodes: the same SGD step for step, with dropout."""
   config = two_level(tiny_config(strategy, collective, conv), shape, node_collective)
@@ -250,7 +252,9 @@ def test_node_x_local_mesh_trains_like_one_device(strategy, conv, shape, collect
   assert_same_trajectory(got, reference(), FLOAT32_TOL)
 
 
-@pytest.mark.parametrize("strategy,conv,shape", [("data", "data", (2, 4)), ("hybrid", "lazy", (4, 2))])
+@pytest.mark.parametrize(
+  "strategy,conv,shape", [("data", "data", (2, 4)), ("hybrid", "lazy", (4, 2))]
+)
 def test_node_x_local_mesh_without_overlap_trains_like_one_device(strategy, conv, shape):
   config = two_level(tiny_config(strategy, "butterfly", conv, overlap="none"), shape)
   assert_same_trajectory(run_steps(config, 8), reference(), FLOAT32_TOL)
@@ -277,7 +281,8 @@ GRAD_BF16_METRICS_RTOL = 2e-3
 
 
 @pytest.mark.parametrize(
-  "strategy,conv,mesh", [("data", "data", (2, 4)), ("lazy", "data", (8,)), ("hybrid", "lazy", (2, 4))]
+  "strategy,conv,mesh",
+  [("data", "data", (2, 4)), ("lazy", "data", (8,)), ("hybrid", "lazy", (2, 4))],
 )
 def test_bfloat16_gradient_collectives_train_like_one_device(strategy, conv, mesh):
   config = tiny_config(strategy, "butterfly", conv)

@@ -235,7 +235,9 @@ def _butterfly_all_gather(x: jax.Array, axis_name: str, n: int) -> jax.Array:
   return blocks.reshape((n * x.shape[0],) + x.shape[1:])
 
 
-def reduce_scatter(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butterfly") -> jax.Array:
+def reduce_scatter(
+  x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butterfly"
+) -> jax.Array:
   """Sum over devices, keep chunk r on device r. [N*c, ...] -> [c, ...].
 
   Same result as `lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)`.
@@ -310,7 +312,9 @@ def all_gather(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butter
   return out
 
 
-def _levels(axes: tuple[str, ...], algorithm: Algorithms) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _levels(
+  axes: tuple[str, ...], algorithm: Algorithms
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(axes, one algorithm per axis): a single name applies to every level."""
   algorithms = (algorithm,) * len(axes) if isinstance(algorithm, str) else tuple(algorithm)
   if len(algorithms) != len(axes):
@@ -336,7 +340,7 @@ def _levels_reduce_scatter(x: jax.Array, axes, algorithms) -> jax.Array:
 def _levels_all_gather(x: jax.Array, axes, algorithms) -> jax.Array:
   """`Levels`: outermost axis first, on 1/N of the buffer. [c, ...] -> [N*c, ...]."""
   held = x.reshape(1, -1)  # rows in rank order over the levels gathered so far
-  for level, (axis, algorithm) in enumerate(zip(axes, algorithms, strict=True)):
+  for axis, algorithm in zip(axes, algorithms, strict=True):
     got = all_gather(held, axis, algorithm=algorithm)  # [size, rows, c]: this level major
     size = lax.axis_size(axis)
     held = got.reshape(size, held.shape[0], -1).swapaxes(0, 1).reshape(size * held.shape[0], -1)
@@ -362,7 +366,9 @@ def all_reduce(x: jax.Array, axis_name: Axes, *, algorithm: Algorithms = "butter
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def all_gather_with_scatter_grad(shard: jax.Array, axis_name: Axes, algorithm: Algorithms) -> jax.Array:
+def all_gather_with_scatter_grad(
+  shard: jax.Array, axis_name: Axes, algorithm: Algorithms
+) -> jax.Array:
   """All-gather whose backward is the reduce-scatter. [c, ...] -> [N*c, ...].
 
   Forward: every device's rows are gathered (e.g. the local batch's features
@@ -385,7 +391,9 @@ all_gather_with_scatter_grad.defvjp(_gather_fwd, _gather_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def reduce_scatter_with_gather_grad(x: jax.Array, axis_name: Axes, algorithm: Algorithms) -> jax.Array:
+def reduce_scatter_with_gather_grad(
+  x: jax.Array, axis_name: Axes, algorithm: Algorithms
+) -> jax.Array:
   """Reduce-scatter whose backward is the all-gather. [N*c, ...] -> [c, ...].
 
   Used where each device holds partial sums of a full-batch activation (FC2

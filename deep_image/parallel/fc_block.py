@@ -103,9 +103,9 @@ def _head_part(fc, x, offset, b, rank, axis, algorithm, dtype, dropout_rate, dro
     cols = h1.shape[1]
     # Each example's full [H1] mask, then this device's columns: the mask of
     # the 1-device program, at the cost of N m H1 random bits per device.
-    gathered_ids = (
-      (first + jnp.arange(n))[:, None] * b + offset + jnp.arange(m)[None, :]
-    ).reshape(-1)
+    gathered_ids = ((first + jnp.arange(n))[:, None] * b + offset + jnp.arange(m)[None, :]).reshape(
+      -1
+    )
     keep = vgg.dropout_keep_mask(
       dropout_key, vgg.FC1_DROPOUT, gathered_ids, (cols * n,), dropout_rate
     )

@@ -6,6 +6,14 @@ may be -1, meaning "all remaining devices" (as big_vision's
 axis: conv layers split the batch over it and the FC layers split their
 weights over the same devices, as in the paper's model-data parallelism.
 
+Two axes larger than 1 are node x local (outer first; consecutive device ids,
+i.e. the devices of one process, share a node): the shard_map strategies then
+run their collectives level by level and hybrid splits its FC layers inside a
+node (`deep_image.parallel.shard_map_strategy`). With `parallel.mesh_by_host`
+(the default), a run on several processes with accelerators turns the one-axis
+default into `(('node', processes), ('local', devices per process))`
+(`host_devices`); on CPU, or with one process, the mesh is as configured.
+
 The logical axis names on parameters (see `deep_image.models.vgg`) map to
 mesh axes through `logical_rules`: ``'model'`` (the split FC dimension) goes to
 `config.parallel.model_axes` (empty, the default: every mesh axis), or nowhere when
@@ -90,12 +98,45 @@ def forced_host_device_count() -> int | None:
   return None
 
 
-def resolve_mesh_shape(mesh_spec, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+NODE_AXIS, LOCAL_AXIS = "node", "local"
+
+
+def host_devices(parallel_cfg) -> int | None:
+  """Devices per process where `parallel.mesh_by_host` makes the mesh node x local, else None.
+
+  Only for several processes with accelerators (a GPU host per process): simulated CPU
+  devices share one host's links, and one process has no second level.
+  """
+  if not parallel_cfg.mesh_by_host or jax.process_count() == 1 or jax.default_backend() == "cpu":
+    return None
+  return jax.local_device_count()
+
+
+def by_host(mesh_spec, num_devices: int, devices_per_host: int | None):
+  """The mesh spec the run uses: a one-axis mesh of every device (size -1) as node x local
+  when `devices_per_host` (`host_devices`) is given and smaller than the devices."""
+  spec = tuple(tuple(pair) for pair in mesh_spec)
+  if (
+    devices_per_host is None
+    or len(spec) != 1
+    or int(spec[0][1]) != -1
+    or not 1 < devices_per_host < num_devices
+    or num_devices % devices_per_host
+  ):
+    return spec
+  return ((NODE_AXIS, num_devices // devices_per_host), (LOCAL_AXIS, devices_per_host))
+
+
+def resolve_mesh_shape(
+  mesh_spec, num_devices: int, devices_per_host: int | None = None
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Axis names and sizes, with the one -1 replaced by the remaining devices.
 
+  devices_per_host: `host_devices(...)`: split a one-axis default by host (`by_host`).
   Raises ValueError naming `parallel.mesh` when the sizes do not fit
   `num_devices`.
   """
+  mesh_spec = by_host(mesh_spec, num_devices, devices_per_host)
   names = tuple(str(name) for name, _ in mesh_spec)
   sizes = [int(size) for _, size in mesh_spec]
   if len(set(names)) != len(names):
@@ -126,7 +167,7 @@ def make_mesh(parallel_cfg, devices=None) -> Mesh:
   (GSPMD) and shard_map inputs are resharded to their in_specs as needed.
   """
   devices = list(jax.devices() if devices is None else devices)
-  names, sizes = resolve_mesh_shape(parallel_cfg.mesh, len(devices))
+  names, sizes = resolve_mesh_shape(parallel_cfg.mesh, len(devices), host_devices(parallel_cfg))
   used = devices[: math.prod(sizes)]
   if len(devices) == len(used):
     mesh_devices = mesh_utils.create_device_mesh(sizes, used)

@@ -102,7 +102,9 @@ class ShardMapStrategy(Strategy):
   # --- layout of the state -------------------------------------------------
   def _spec(self, layout: layouts.Layout, ndim: int) -> P:
     """PartitionSpec of a stored array: split over the tensor axis, 1/N over all levels."""
-    return layouts.stored_spec(layout, ndim, self.tensor_axis if layout.kind == "split" else self.axis)
+    return layouts.stored_spec(
+      layout, ndim, self.tensor_axis if layout.kind == "split" else self.axis
+    )
 
   def local_shape(self, i: int) -> tuple[int, ...]:
     """The shape of leaf i's part on one device, inside shard_map (split: its shard)."""

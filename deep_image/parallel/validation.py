@@ -44,14 +44,17 @@ class ParallelPlan:
   runnable: tuple[str, ...]
 
 
-def validate_parallel_config(config, num_devices: int) -> ParallelPlan:
+def validate_parallel_config(
+  config, num_devices: int, devices_per_host: int | None = None
+) -> ParallelPlan:
   """Raise ConfigError naming the config field for a setup that cannot run.
 
   Runs before anything is compiled: device counts below 1, unknown strategy /
   algorithm / conv mode, a mesh larger than the devices, a batch that is not
   positive or does not divide over them, FC widths that do not split over them.
   For 'auto' the checks every strategy shares, once; then the runnable
-  strategies are those whose own checks pass.
+  strategies are those whose own checks pass. devices_per_host: as
+  `mesh.make_mesh` will split the mesh by host (`mesh.host_devices`), None: as configured.
   """
   par = config.parallel
   mesh_lib.check_device_counts(par.num_devices, par.num_processes)
@@ -83,7 +86,7 @@ def validate_parallel_config(config, num_devices: int) -> ParallelPlan:
     )
   if not par.bucket_mb >= 0:
     raise ConfigError(f"parallel.bucket_mb={par.bucket_mb!r} must be >= 0 (0: a bucket per layer)")
-  names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
+  names, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices, devices_per_host)
   axis_sizes = dict(zip(names, sizes, strict=True))
   n = math.prod(sizes)
   batch = config.train.batch_size

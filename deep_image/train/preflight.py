@@ -54,6 +54,7 @@ from deep_image.config_error import ConfigError
 from deep_image.data import augment, pipeline
 from deep_image.data.sources import make_source
 from deep_image.models.vgg import MODELS
+from deep_image.parallel import mesh as mesh_lib
 from deep_image.parallel import validation
 from deep_image.train import workdir as workdir_layout
 from deep_image.train.optimizer import learning_rate_schedule
@@ -166,7 +167,9 @@ def preflight(config, workdir: str, num_devices: int, process_count: int | None 
   _check_counts(config.train)
   _check_model_and_crop(config)
   # The owners' own checks (they raise ConfigError), run here before anything compiles.
-  parallel = validation.validate_parallel_config(config, num_devices)
+  parallel = validation.validate_parallel_config(
+    config, num_devices, mesh_lib.host_devices(config.parallel)
+  )
   schedule = learning_rate_schedule(config.train)
   sampling_space = augment.SamplingSpace.from_config(config.data.augment)
   _check_eval_batch(config, num_devices, process_count)

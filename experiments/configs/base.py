@@ -78,6 +78,7 @@ parallel.fc_micro_batches               0                hybrid FC head in parts
 parallel.prefetch_mb                    0.0              fetch buckets this many MiB ahead (0: one)
 parallel.grad_dtype                     'float32'        gradient collectives: 'float32' | 'bfloat16'
 parallel.mesh                           (('data', -1),)  (axis, size) pairs, one -1; two: node x local
+parallel.mesh_by_host                   True             GPU processes > 1: default mesh node x local
 parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
 parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
 parallel.num_devices                    8                CPU-only: host devices to simulate
@@ -158,6 +159,7 @@ def _job() -> ml_collections.ConfigDict:
   c.parallel.prefetch_mb = 0.0
   c.parallel.grad_dtype = "float32"
   c.parallel.mesh = (("data", -1),)
+  c.parallel.mesh_by_host = True
   c.parallel.model_axes = ()
   c.parallel.shard_fc = True
   c.parallel.num_devices = 8
