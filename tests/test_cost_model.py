@@ -384,6 +384,22 @@ def test_auto_builds_the_predicted_fastest_strategy_and_logs_why(caplog):
   assert name in ("data", "lazy") and "not runnable here: gspmd, hybrid" in reason, reason
 
 
+def test_auto_ranks_the_strategies_on_a_two_level_mesh_as_the_planner_does():
+  from deep_image.parallel import planner
+
+  c = _config("auto", 16)
+  c.parallel.mesh = _mesh_spec((2, 4))
+  mesh = mesh_lib.make_mesh(c.parallel, jax.devices()[:8])
+  name, reason = strategies.choose_strategy(c, mesh)
+  assert "8 devices as 2x4" in reason, reason
+  cl = clusters.cluster_for_mesh(mesh)
+  rows = [
+    planner.predict_row(c, cl, planner.Setup(s, (2, 4), "xla" if s == "gspmd" else "butterfly"))
+    for s in layout_policy.STRATEGIES
+  ]
+  assert name == min(rows, key=planner.rank_key).setup.strategy
+
+
 def test_unknown_strategy_lists_auto():
   c = _config("fastest", 8)
   with pytest.raises(ConfigError, match=r"parallel.strategy='fastest'.*'auto'"):

@@ -56,6 +56,8 @@ class Cluster:
     shared_host: the devices share one host's compute, memory and copies
       (simulated XLA:CPU devices): each rate above is the host's, divided by
       the devices of the step.
+    device_memory: bytes of one device's memory (what a setup must fit in;
+      inf: not checked).
   """
 
   name: str
@@ -73,6 +75,7 @@ class Cluster:
   overlaps_comm: bool = True
   memory_bandwidth: float = math.inf
   shared_host: bool = False
+  device_memory: float = math.inf
 
   @property
   def flops(self) -> float:
@@ -121,6 +124,8 @@ PRESETS: dict[str, Cluster] = {
     inter_latency=10e-6,
     # K40m data sheet: 288 GB/s GDDR5.
     memory_bandwidth=288e9,
+    # Paper section 2: 12 GB per GPU.
+    device_memory=12e9,
   ),
   # A modern cluster: DGX/HGX H100 SXM nodes.
   "h100": Cluster(
@@ -150,8 +155,9 @@ PRESETS: dict[str, Cluster] = {
     inter_latency=5e-6,
     # Parameters and gradients are float32 here (model.dtype sets the compute dtype).
     bytes_per_value=4,
-    # H100 SXM data sheet: 3.35 TB/s HBM3.
+    # H100 SXM data sheet: 3.35 TB/s HBM3, 80 GB.
     memory_bandwidth=3.35e12,
+    device_memory=80e9,
   ),
   # The simulated host devices of the tests (`experiments.scaling`'s measured
   # rows): one host whose cores, memory and copies all N devices share; every

@@ -66,8 +66,9 @@ from jax.sharding import Mesh
 
 from deep_image.config_error import ConfigError
 from deep_image.models.vgg import VGG
-from deep_image.parallel import cost_model
+from deep_image.parallel import planner
 from deep_image.parallel.clusters import cluster_for_mesh
+from deep_image.parallel.layout_policy import STRATEGIES
 from deep_image.parallel.shard_map_strategy import ShardMapStrategy
 from deep_image.parallel.strategy_base import GSPMDStrategy, Preprocess, Strategy
 from deep_image.parallel.validation import AUTO, ParallelPlan, validate_parallel_config
@@ -114,33 +115,41 @@ def make_strategy(
 
 
 def choose_strategy(config, mesh, runnable: tuple[str, ...] | None = None) -> tuple[str, str]:
-  """The strategy the cost model predicts fastest for `config` on `mesh`, and why.
+  """The strategy the cost model ranks first for `config` on `mesh`, and why.
 
   Candidates are `runnable`: the strategies `validate_parallel_config` accepts
   for this config and mesh (e.g. hybrid only when FC1's width divides over the
-  devices, the shard_map strategies only on a one-axis mesh); None: validate
-  here. Returns (name, one-line reason with every candidate's predicted step time).
+  devices of its split); None: validate here. Each is predicted on the mesh at
+  hand (its axis sizes, the configured collective and node_collective; gspmd
+  with XLA's) and ranked as `experiments.plan` ranks setups (`planner.rank_key`).
+  Returns (name, one-line reason with every candidate's predicted step time).
   """
   if runnable is None:
     auto = copy.deepcopy(config)
     auto.parallel.strategy = AUTO
     runnable = validate_parallel_config(auto, mesh.size).runnable
   par, n = config.parallel, mesh.size
-  cl = cluster_for_mesh(mesh)
-  batch = config.train.batch_size // n
-  setup = cost_model.StepSetup.from_config(config)
-  times = {
-    name: cost_model.predict(config.model.name, name, par.collective, n, batch, cl, setup).step_s
-    for name in runnable
-  }
-  if not times:
+  if not runnable:
     raise ConfigError(f"parallel.strategy='auto': no strategy can run this config on {n} devices")
-  rejected = [s for s in cost_model.STRATEGIES if s not in times]
-  best = min(times, key=times.get)
+  cl = cluster_for_mesh(mesh)
+  levels = tuple(mesh.shape[a] for a in mesh.axis_names if mesh.shape[a] > 1) or (n,)
+  batch = config.train.batch_size // n
+  rows = [
+    planner.predict_row(
+      config,
+      cl,
+      planner.Setup(
+        name, levels, "xla" if name == "gspmd" else par.collective, par.node_collective
+      ),
+    )
+    for name in runnable
+  ]
+  rows.sort(key=planner.rank_key)
+  rejected = [s for s in STRATEGIES if s not in runnable]
   reason = (
-    f"cost model ({cl.name} preset, {n} devices, {batch} images each, "
-    f"{par.collective}): predicted step "
-    + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+    f"cost model ({cl.name} preset, {n} devices as {'x'.join(map(str, levels))}, {batch} "
+    f"images each, {par.collective}): predicted step "
+    + ", ".join(f"{r.setup.strategy} {r.step_s * 1e3:.3g} ms" for r in rows)
     + (f"; not runnable here: {', '.join(rejected)}" if rejected else "")
   )
-  return best, reason
+  return rows[0].setup.strategy, reason
