@@ -1,7 +1,7 @@
 r"""Benchmark one training step: strategies x collectives, SPMD overhead, FLOP/s, memory.
 
   python -m experiments.benchmark_step [--quick] [--overlap=deferred|none]
-      [--out=benchmarks/step_YYYY-MM-DD.md]
+      [--two_level_mesh="(('node', 2), ('local', 4))"] [--out=benchmarks/step_YYYY-MM-DD.md]
 
 Four markdown tables (printed, and written to --out):
 
@@ -13,6 +13,8 @@ Four markdown tables (printed, and written to --out):
 4. Per-device memory of the paper's Table 2 model (`deep_image_16`, 224x224, 1000
    classes) on 8 devices, compile only (`memory_analysis`), and the check that
    `lazy` keeps <= 1.05 x (parameter + optimizer bytes) / 8 per device.
+5. (only, with --two_level_mesh) every shard_map strategy on a node x local mesh
+   against the one-axis mesh of the same devices, paired ratio (target <= 1.10).
 
 Every timed program (the step of each configuration, the 1-device step and the
 reference convolution) is compiled and warmed up first, then timed round-robin,
@@ -26,6 +28,7 @@ sets --xla_force_host_platform_device_count.
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import sys
@@ -45,9 +48,11 @@ from experiments.step_tables import (
   MEMORY_CONFIGS,
   STEP_CONFIGS,
   measure_steps,
+  measure_two_level,
   memory_markdown,
   memory_rows,
   step_markdown,
+  two_level_markdown,
 )
 
 FLAGS = flags.FLAGS
@@ -65,6 +70,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("memory_model", "deep_image_16", "Model of the memory table.")
   flags.DEFINE_integer("memory_batch", 64, "Global batch of the memory table.")
   flags.DEFINE_bool("skip_memory", False, "Skip the (slow) memory table.")
+  flags.DEFINE_string(
+    "two_level_mesh",
+    "",
+    "A parallel.mesh literal, e.g. \"(('node', 2), ('local', 4))\": measure only table 5, "
+    "every shard_map strategy on this mesh against one axis (paired ratio).",
+  )
   flags.DEFINE_enum(
     "overlap",
     base.get_config().parallel.overlap,
@@ -83,6 +94,16 @@ def main(argv):
   repeats = 4 if FLAGS.quick else FLAGS.repeats
   command = " ".join(["python -m experiments.benchmark_step"] + sys.argv[1:])
   parts = ["## Step benchmark", "", machine_markdown(command)]
+
+  if FLAGS.two_level_mesh:
+    spec = ast.literal_eval(FLAGS.two_level_mesh)
+    rows = measure_two_level(
+      FLAGS.model, FLAGS.image_size, FLAGS.batch, spec, devices, repeats, overlap=FLAGS.overlap
+    )
+    parts += ["", two_level_markdown(rows, spec, FLAGS.model, FLAGS.image_size, FLAGS.batch, n)]
+    print("\n".join(parts), flush=True)
+    _write(parts)
+    return
 
   t0 = time.perf_counter()
   result = measure_steps(
@@ -118,6 +139,10 @@ def main(argv):
     parts += ["", mem]
     print("\n" + mem, flush=True)
 
+  _write(parts)
+
+
+def _write(parts: list[str]) -> None:
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:

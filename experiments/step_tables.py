@@ -147,6 +147,60 @@ def measure_steps(
   return {"times": times, "flops": flops, "configs": names, "loss": loss, "collectives": ops}
 
 
+def measure_two_level(
+  model: str,
+  image_size: int,
+  batch: int,
+  mesh_spec,
+  devices,
+  repeats: int,
+  overlap: str | None = None,
+  collective: str = "butterfly",
+) -> list[dict]:
+  """Each shard_map strategy on the one-axis mesh and on `mesh_spec` (e.g. node x local),
+  timed round-robin together: rows {config, one_axis_ms, two_level_ms, paired}.
+
+  paired: median over rounds of the two-level step / the one-axis step of the same round.
+  """
+  runners = {}
+  for label, strategy, conv in SHARD_MAP:
+    for mesh in (None, mesh_spec):
+      cfg = make_config(model, image_size, batch, strategy, collective, conv, overlap=overlap)
+      if mesh is not None:
+        cfg.parallel.mesh = mesh
+      logging.info("compiling %s on %s", label, mesh or cfg.parallel.mesh)
+      runners[(label, mesh is not None)], _ = build_step_runner(cfg, devices)
+  times = time_round_robin(runners, repeats)
+  return [
+    dict(
+      config=f"{label} / {collective}",
+      one_axis_ms=1e3 * statistics.median(times[(label, False)]),
+      two_level_ms=1e3 * statistics.median(times[(label, True)]),
+      paired=paired_ratio(times[(label, True)], times[(label, False)]),
+    )
+    for label, _, _ in SHARD_MAP
+  ]
+
+
+def two_level_markdown(
+  rows: list[dict], mesh_spec, model: str, image_size: int, batch: int, n: int
+) -> str:
+  """Table 5: node x local against one axis, same devices (target: paired <= 1.10)."""
+  body = table(
+    ["config", "one axis (ms)", f"{mesh_spec} (ms)", "paired ratio"],
+    [
+      [r["config"], f"{r['one_axis_ms']:.1f}", f"{r['two_level_ms']:.1f}", f"{r['paired']:.3f}"]
+      for r in rows
+    ],
+  )
+  return (
+    f"### Two-level mesh against one axis ({model}, {image_size} px, batch {batch}, "
+    f"{n} devices)\n\n"
+    f"{body}\n\nTarget: paired ratio <= 1.10 (the hierarchical collectives cost no more than\n"
+    "the flat ones where there is no slow link: simulated devices share one host)."
+  )
+
+
 def ratio_rows(result: dict, baseline: str = "gspmd") -> list[dict]:
   """One row per config: median ms, ratio of medians and paired ratio to `baseline`."""
   times = result["times"]

@@ -62,6 +62,20 @@ def test_the_default_mesh_splits_by_host(spec, devices, per_host, want):
   assert mesh_lib.resolve_mesh_shape(spec, devices, per_host) == want
 
 
+@pytest.mark.parametrize(
+  "hosts,local,want",
+  [
+    (["a", "a", "b", "b"], 4, 8),  # 2 processes of 4 GPUs per host
+    (["a"] * 8 + ["b"] * 8, 1, 8),  # one process per GPU
+    (["a", "b"], 8, 8),  # one process per host
+    (["a", "b", "a", "b"], 4, None),  # a host's processes not consecutive: no split
+    (["a", "a", "b"], 4, None),  # hosts of different sizes
+  ],
+)
+def test_devices_per_host_groups_processes_by_host(hosts, local, want):
+  assert mesh_lib.devices_per_host(hosts, local) == want
+
+
 def test_mesh_by_host_is_off_on_cpu_and_one_process():
   c = tiny_config()
   assert c.parallel.mesh_by_host

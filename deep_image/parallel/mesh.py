@@ -11,8 +11,9 @@ i.e. the devices of one process, share a node): the shard_map strategies then
 run their collectives level by level and hybrid splits its FC layers inside a
 node (`deep_image.parallel.shard_map_strategy`). With `parallel.mesh_by_host`
 (the default), a run on several processes with accelerators turns the one-axis
-default into `(('node', processes), ('local', devices per process))`
-(`host_devices`); on CPU, or with one process, the mesh is as configured.
+default into `(('node', hosts), ('local', devices per host))` (`host_devices`:
+processes grouped by host name, one process per host or per GPU); on CPU, or
+with one process, the mesh is as configured.
 
 The logical axis names on parameters (see `deep_image.models.vgg`) map to
 mesh axes through `logical_rules`: ``'model'`` (the split FC dimension) goes to
@@ -22,8 +23,11 @@ mesh axes through `logical_rules`: ``'model'`` (the split FC dimension) goes to
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
+import socket
 
 import jax
 import numpy as np
@@ -102,14 +106,45 @@ NODE_AXIS, LOCAL_AXIS = "node", "local"
 
 
 def host_devices(parallel_cfg) -> int | None:
-  """Devices per process where `parallel.mesh_by_host` makes the mesh node x local, else None.
+  """Devices per host where `parallel.mesh_by_host` makes the mesh node x local, else None.
 
-  Only for several processes with accelerators (a GPU host per process): simulated CPU
-  devices share one host's links, and one process has no second level.
+  Only for several processes with accelerators (one per host, or one per GPU): simulated
+  CPU devices share one host's links, and one process has no second level.
   """
   if not parallel_cfg.mesh_by_host or jax.process_count() == 1 or jax.default_backend() == "cpu":
     return None
-  return jax.local_device_count()
+  return _devices_per_host_of_this_job()
+
+
+@functools.cache
+def _devices_per_host_of_this_job() -> int | None:
+  """Every process's host name (one all-gather of a hash), then `devices_per_host`."""
+  from jax.experimental import multihost_utils
+
+  digest = hashlib.sha1(socket.gethostname().encode()).digest()[:4]
+  mine = np.frombuffer(digest, np.int32)
+  hosts = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1).tolist()
+  per_host = devices_per_host(hosts, jax.local_device_count())
+  if per_host is None:
+    logging.warning(
+      "parallel.mesh_by_host: the processes of a host do not have consecutive ids or the "
+      "hosts differ in size; the mesh stays as configured (one axis)"
+    )
+  return per_host
+
+
+def devices_per_host(host_of_process: list, local_devices: int) -> int | None:
+  """Devices per host when every host runs the same number of consecutive processes
+  (SLURM's block distribution), else None. host_of_process[p]: process p's host."""
+  runs = [1]
+  for a, b in zip(host_of_process, host_of_process[1:], strict=False):
+    if a == b:
+      runs[-1] += 1
+    else:
+      runs.append(1)
+  if len(set(runs)) != 1 or len(runs) != len(set(host_of_process)):
+    return None
+  return runs[0] * local_devices
 
 
 def by_host(mesh_spec, num_devices: int, devices_per_host: int | None):
