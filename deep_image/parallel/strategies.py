@@ -12,8 +12,10 @@ lazy     1/N of every kernel per device (biases     per bucket: all-gather befor
          replicated: 0.01% of the weights)          use, reduce-scatter in
                                                     backward, local-shard update
 hybrid   conv as data or lazy (parallel.conv);      conv buckets as data / lazy;
-         FC1/FC2 split across all devices           FC activations gathered /
-                                                    scattered (fc_block.py)
+         FC1/FC2 split across all devices (node x   FC activations gathered /
+         local: across the devices of a node, the   scattered (fc_block.py); node
+         nodes data parallel)                       x local: FC shards all-reduced
+                                                    over the nodes per bucket
 ======== ========================================== ==============================
 
 The shard_map strategies synchronize gradients in buckets of consecutive
@@ -47,9 +49,12 @@ lazy, hybrid) with `layer_feed`, the layouts of `layout_policy`, the checks of
 `validation`. This module is the factory: `make_strategy`, and
 `choose_strategy` for parallel.strategy='auto'.
 
-The shard_map strategies run over a mesh with one axis; collectives come from
-`deep_image.parallel.collectives` with `config.parallel.collective` as the
-algorithm.
+The shard_map strategies run over a mesh with one axis, or two (node x local,
+outer first): then every all-device collective runs level by level (inside a
+node on the whole buffer, across nodes on 1/L of it) and hybrid splits FC1/FC2
+over the devices of a node only. Collectives come from
+`deep_image.parallel.collectives`, `config.parallel.collective` the algorithm
+(inside a node) and `parallel.node_collective` across nodes ('': the same).
 
 Dropout masks are a function of (config.seed, step, layer, global example
 index) only (`vgg.dropout_keep_mask`), so the equality holds with dropout too,
