@@ -23,7 +23,9 @@ Bytes across hosts: the devices are the topology `1x<hosts>x<devices/hosts>` (no
 GPU d on host d // (devices/hosts)); for every configuration the table gives the MiB per
 GPU per step sent to GPUs on other hosts (`deep_image.analysis.cross_host`: exact for the
 hand-written collectives' permutes, a ring in group order for XLA's collectives), the max
-over GPUs and the mean, and after the tables one line per configuration:
+over GPUs and the mean, beside the cost model's `cross_node_bytes` for the same config
+(deep_image.parallel.cost_model, H100 preset), and after the tables one line per
+configuration:
   cross_host_mib_per_gpu <configuration, spaces removed> <max MiB per GPU per step>
 `--mesh` sets parallel.mesh for every configuration (default: the config's one axis over
 all devices), e.g. `--mesh="(('node',8),('local',8))"` for 8 hosts of 8: the two-level

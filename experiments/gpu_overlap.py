@@ -1,7 +1,7 @@
 """What `experiments.compile_gpu` compiles and reports: the configurations (strategy x
 collective x overlap, on one mesh), one deviceless compile's memory, async collectives
-(`deep_image.analysis.overlap`) and bytes across hosts (`deep_image.analysis.cross_host`),
-and the markdown tables."""
+(`deep_image.analysis.overlap`) and bytes across hosts (`deep_image.analysis.cross_host`,
+beside the cost model's `cross_node_bytes` for the same config), and the markdown tables."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Sequence
 
 from deep_image.analysis.cross_host import cross_host_bytes
 from deep_image.analysis.overlap import async_collectives, overlap_summary
+from deep_image.parallel import cost_model
 from experiments import step_programs
 from experiments.markdown import mib, table
 
@@ -105,9 +106,18 @@ def device_hosts(mesh) -> list[int]:
   return [int(dev.process_index) for dev in mesh.devices.flat]
 
 
+def model_cross_host(config, hosts: list[int], cluster: str = "h100"):
+  """The cost model's `cross_node_bytes` (a `NodeBytes`: mean, max) of `config` on
+  len(hosts) devices over the hosts of `hosts`, or None where it models no such step."""
+  try:
+    return cost_model.cross_node_bytes(config, len(hosts), len(set(hosts)), cluster)
+  except (ValueError, NotImplementedError):  # ConfigError is a ValueError
+    return None
+
+
 def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dict:
   """Lower + compile one configuration (`config`: its `make_config`); its memory, compile
-  seconds and async collectives."""
+  seconds, async collectives and bytes across hosts (compiled, and the cost model's)."""
   strategy = step_programs.make_strategy(config, devices)
   images, labels = step_programs.abstract_batch(strategy, config)
   start = time.perf_counter()
@@ -121,7 +131,8 @@ def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dic
       f.write(text)
   mem = compiled.memory_analysis()
   found = async_collectives(text)
-  cross = cross_host_bytes(text, device_hosts(strategy.mesh))
+  hosts = device_hosts(strategy.mesh)
+  cross = cross_host_bytes(text, hosts)
   return dict(
     cfg=cfg,
     seconds=seconds,
@@ -131,7 +142,15 @@ def compile_one(cfg: Configuration, config, devices, hlo_dir: str | None) -> dic
     summary=overlap_summary(found),
     buckets=len(getattr(strategy, "buckets", ())),
     cross_host=cross,
+    model_cross_host=model_cross_host(config, hosts),
   )
+
+
+def _model_text(node_bytes) -> str:
+  """The cost model's 'max / mean' MiB, or '-' where it has none."""
+  if node_bytes is None:
+    return "-"
+  return f"{node_bytes.max / 2**20:,.1f} / {node_bytes.mean / 2**20:,.1f}"
 
 
 def _pct(part: float, whole: float) -> str:
@@ -152,8 +171,8 @@ def report(results: list[dict]) -> str:
       _pct(r["summary"].heavy, r["summary"].count),
       _pct(r["summary"].heavy_bytes, r["summary"].bytes),
       f"{r['summary'].bytes / 2**20:,.1f}",
-      f"{r['cross_host'].max / 2**20:,.1f}",
-      f"{r['cross_host'].mean / 2**20:,.1f}",
+      f"{r['cross_host'].max / 2**20:,.1f} / {r['cross_host'].mean / 2**20:,.1f}",
+      _model_text(r.get("model_cross_host")),
       r["summary"].sync,
       f"{r['seconds']:.0f}",
     )
@@ -171,8 +190,8 @@ def report(results: list[dict]) -> str:
       "conv/GEMM inside (count)",
       "conv/GEMM inside (bytes)",
       "async MiB",
-      "cross-host MiB / GPU (max)",
-      "cross-host MiB / GPU (mean)",
+      "cross-host MiB / GPU, max / mean",
+      "cost model: max / mean",
       "marked sync",
       "compile s",
     ),

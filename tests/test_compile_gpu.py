@@ -183,7 +183,9 @@ def test_compile_one_on_cpu_devices():
   assert r["summary"].count == len(r["collectives"]) and r["summary"].fraction == 1.0
   text = gpu_overlap.report([r])
   assert "| lazy / butterfly / deferred |" in text and "(none)" in text
-  assert "cross-host MiB / GPU (max)" in text
+  assert "cross-host MiB / GPU, max / mean" in text
+  # The cost model's figure beside it: one host, nothing crosses there either.
+  assert r["model_cross_host"].max == 0 and "| 0.0 / 0.0 | 0.0 / 0.0 |" in text
   # Both CPU devices are process 0: one host, nothing crosses.
   assert r["cross_host"].per_device == (0.0, 0.0)
   assert gpu_overlap.device_hosts(jax.sharding.Mesh(jax.devices()[:2], ("data",))) == [0, 0]

@@ -37,11 +37,12 @@ as node-major ranks are: h crossings), so the *mean* per device holds for NCCL's
 The *max* does not: the group-order ring puts all of a host's outgoing bytes on its last
 device, while NCCL builds its own rings per channel (its topology search reorders ranks and
 stripes channels over the node's NICs) and may pick a tree or another algorithm for an
-all-reduce; those move the same cross-host bytes per host over other devices. A group whose
-members are all on different hosts (the `node` axis of a two-level mesh: one device of each
-host) crosses on every route: there the figure is every algorithm's. The hand-written
-collectives (`parallel.collective` butterfly / ring) compile to collective-permutes, whose
-figure is exact.
+all-reduce; those move the same cross-host bytes per host over other devices (a tree's
+amount differs). A group whose members are all on different hosts (the `node` axis of a
+two-level mesh: one device of each host) crosses hosts on every route, so there the max is
+the mean and the figure is all that the ring sends. The hand-written collectives
+(`parallel.collective` butterfly / ring) compile to collective-permutes, whose figure is
+exact.
 
 Per step: a statically counted op in a loop body counts once, as in bytes_sent.
 """
