@@ -172,9 +172,9 @@ def report(preset: str, model: str = PAPER_MODEL) -> str:
   lines = [
     f"cost model: {model} on {cl.name} ({cl.description})",
     f"  {cl.peak_flops / 1e12:.2f} TFLOP/s peak x {cl.utilisation:.2f} utilisation per device; "
-    f"links {cl.intra_bandwidth / 1e9:.1f} GB/s in a node, {cl.inter_bandwidth / 1e9:.1f} GB/s "
-    f"per node between nodes; {PAPER_ALGORITHM}, overlap {PAPER_SETUP.overlap}, "
-    f"{PAPER_SETUP.image_size} px",
+    f"links {cl.intra_bandwidth / 1e9:.1f} GB/s in a node, {cl.nic_bandwidth / 1e9:.1f} GB/s "
+    f"per NIC between nodes ({cl.devices_per_nic} GPU(s) per NIC); {PAPER_ALGORITHM} on one "
+    f"axis, overlap {PAPER_SETUP.overlap}, {PAPER_SETUP.image_size} px",
     f"  one device: {one.step_s / b * 1e3:.3g} ms per image "
     f"({(one.compute_s - one.update_s) / b * cl.flops / 1e9:.1f} GFLOP forward + backward, "
     f"+ the update {one.update_s * 1e3:.3g} ms a step)",
