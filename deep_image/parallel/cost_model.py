@@ -75,7 +75,8 @@ the paper and against what `experiments.scaling` measures and compiles:
 
 The clusters are data (`clusters.PRESETS`); the study of Figure 3 built on
 `predict` (speedup, crossover, the report) is `scaling_model`; the bytes that
-cross nodes, for a config, `cross_node_bytes`. One concept over 400 lines: the
+cross nodes, for a config, `cross_node.cross_node_bytes`; the two-resource
+schedule the tasks run on, `step_schedule`. One concept over 500 lines: the
 simulated step (`_Step`), whose tasks the four strategies share.
 """
 
@@ -95,6 +96,7 @@ from deep_image.parallel.clusters import Cluster, get_cluster
 from deep_image.parallel.collective_cost import CollectiveCost, level_cost, mesh_cost
 from deep_image.parallel.collectives import check_algorithm
 from deep_image.parallel.layout_policy import STRATEGIES
+from deep_image.parallel.step_schedule import Task, simulate
 from deep_image.parallel.validation import OVERLAPS
 
 # Memory traffic of one parameter's SGD-with-momentum update (float32): read the
@@ -230,49 +232,6 @@ class Prediction:
   bytes_across_max_per_device: float = 0.0  # the device that sends the most across
 
 
-@dataclasses.dataclass
-class _Task:
-  name: str
-  comm: bool
-  seconds: float
-  deps: tuple[str, ...]
-  priority: int = 1  # comm: 0 before 1 (critical-path activations first)
-
-
-def _simulate(tasks: list[_Task]) -> float:
-  """End of the last task: compute in list order, the network by readiness and priority."""
-  end: dict[str, float] = {}
-  compute = [t for t in tasks if not t.comm]
-  pending = [t for t in tasks if t.comm]
-  ci, compute_free, net_free = 0, 0.0, 0.0
-  while ci < len(compute) or pending:
-    c_start = math.inf
-    if ci < len(compute) and all(d in end for d in compute[ci].deps):
-      c_start = max([compute_free] + [end[d] for d in compute[ci].deps])
-    best, n_start = None, math.inf
-    for order, t in enumerate(pending):
-      if not all(d in end for d in t.deps):
-        continue
-      ready = max([0.0] + [end[d] for d in t.deps])
-      # Among collectives ready when the network frees up, the critical ones first.
-      key = (max(ready, net_free), t.priority if ready <= net_free else 2, order)
-      if best is None or key < best[0]:
-        best = (key, t)
-    if best is not None:
-      n_start = best[0][0]
-    if c_start == math.inf and n_start == math.inf:
-      raise RuntimeError("cost model schedule has a cycle")  # a bug here, not a config
-    if c_start <= n_start:
-      task = compute[ci]
-      end[task.name] = compute_free = c_start + task.seconds
-      ci += 1
-    else:
-      task = best[1]
-      end[task.name] = net_free = n_start + task.seconds
-      pending.remove(task)
-  return max(end.values(), default=0.0)
-
-
 def _leaves(layers) -> list[tuple[tuple[str, str], int]]:
   """((layer, 'kernel' | 'bias'), elements) of every parameter, as the model's tree names it."""
   return [
@@ -399,54 +358,6 @@ def predict(
   return step.prediction(model_name)
 
 
-@dataclasses.dataclass(frozen=True)
-class NodeBytes:
-  """Bytes per device per step sent to devices on other nodes (hosts), the mean over the
-  devices and the device that sends the most, and the mean sent inside its node."""
-
-  mean: float
-  max: float
-  inside: float
-
-
-def cross_node_bytes(config, num_devices: int, hosts: int, cluster: str | Cluster = "h100"):
-  """`NodeBytes` of `config`'s step on `num_devices` devices over `hosts` hosts, as the
-  cost model predicts: what `experiments.compile_gpu`'s `cross_host_mib_per_gpu` lines
-  (`analysis.cross_host`, the max) read from the compiled program.
-
-  Read from the config: model (name, image_size, num_classes, in_channels, dtype: the
-  activation bytes), train.batch_size (global), parallel.strategy, collective,
-  node_collective, mesh (its -1 resolved against num_devices), conv, overlap,
-  bucket_mb, fc_micro_batches, prefetch_mb, grad_dtype. The cluster preset's links
-  with devices_per_node = num_devices / hosts, ranks node-major (host h holds
-  devices h D .. h D + D - 1). Exact for the hand-written algorithms; for
-  'xla' the bytes are those of the algorithm it is modelled as (the faster of
-  ring and butterfly), where compile_gpu assumes a ring in group order.
-  """
-  from deep_image.parallel import mesh as mesh_lib  # the config's mesh spec
-
-  if hosts < 1 or num_devices % hosts:
-    raise ValueError(f"hosts={hosts} must divide num_devices={num_devices}")
-  par = config.parallel
-  _, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
-  per_node = num_devices // hosts
-  cl = get_cluster(cluster)
-  cl = dataclasses.replace(
-    cl,
-    devices_per_node=per_node,
-    num_nodes=hosts,
-    devices_per_nic=min(cl.devices_per_nic, per_node),
-  )
-  setup = StepSetup.from_config(config)
-  batch = config.train.batch_size // num_devices
-  p = predict(
-    config.model.name, par.strategy, par.collective, num_devices, batch, cl, setup, mesh=sizes
-  )
-  return NodeBytes(
-    p.bytes_across_per_device, p.bytes_across_max_per_device, p.bytes_inside_per_device
-  )
-
-
 class _Step:
   """The tasks of one step on one device, appended in program order, and its traffic."""
 
@@ -481,7 +392,7 @@ class _Step:
     ]
     self.prefetch_bytes = setup.prefetch_mb * 2**20
     self.gather_of: dict[str, list[str]] = {}  # layer -> gathers its forward waits for
-    self.tasks: list[_Task] = []
+    self.tasks: list[Task] = []
     self.totals = {"param": 0.0, "act": 0.0, "across": 0.0, "rounds": 0, "count": 0}
     self.across_by_device = 0.0  # [N] bytes each device sends across nodes (once any does)
     self.prev: list[str] = []  # what the next compute task waits for
@@ -502,7 +413,7 @@ class _Step:
     return self.fwd_s(layer, images) * (1 if layer is self.layers[0] else 2)
 
   def compute(self, name: str, seconds: float, deps) -> None:
-    self.tasks.append(_Task(name, False, seconds, tuple(deps)))
+    self.tasks.append(Task(name, False, seconds, tuple(deps)))
     self.prev = [name]
 
   def comm(self, name, cost: CollectiveCost, deps, priority, what) -> None:
@@ -512,7 +423,7 @@ class _Step:
       self.across_by_device = self.across_by_device + cost.across_by_device
     self.totals["rounds"] += cost.rounds
     self.totals["count"] += 1
-    self.tasks.append(_Task(name, True, cost.seconds, tuple(deps), priority))
+    self.tasks.append(Task(name, True, cost.seconds, tuple(deps), priority))
 
   def all_devices(self, kind: str, nbytes: float) -> CollectiveCost:
     """A collective over every device: level by level on a node x local mesh."""
@@ -596,7 +507,7 @@ class _Step:
       waits = [f"fwd:fc12.{j - 1}"] if j else [*prev, *self._gathers_of("fc1", "fc2")]
       deps = (f"ag_feat.{j}", *waits)
       self.tasks.append(
-        _Task(f"fwd:fc12.{j}", False, self.fwd_s(fc1, bp) + self.fwd_s(fc2, bp), deps)
+        Task(f"fwd:fc12.{j}", False, self.fwd_s(fc1, bp) + self.fwd_s(fc2, bp), deps)
       )
       cost = self.local("reduce_scatter", tp * bp * fc2.width * abytes)
       self.comm(f"rs_y2.{j}", cost, [f"fwd:fc12.{j}"], 0, "act")
@@ -604,7 +515,7 @@ class _Step:
       deps = [f"rs_y2.{j}", f"fwd:fc12.{micro - 1}"] + self.gather_of.get("fc3", [])
       if j:
         deps.append(f"fwd:fc3.{j - 1}")
-      self.tasks.append(_Task(f"fwd:fc3.{j}", False, self.fwd_s(fc3, bp), tuple(deps)))
+      self.tasks.append(Task(f"fwd:fc3.{j}", False, self.fwd_s(fc3, bp), tuple(deps)))
     self.prev = [f"fwd:fc3.{micro - 1}"]
     for j, bp in enumerate(parts):
       self.compute(f"bwd:fc3.{j}", self.bwd_s(fc3, bp), self.prev)
@@ -645,14 +556,14 @@ class _Step:
         self.comm(f"ag_end:{i}", self.bucket("all_gather", i), deps, 1, "param")
     if not self.deferred_update:
       comms = tuple(t.name for t in self.tasks if t.comm)
-      self.tasks.append(_Task("update", False, self.update_s, comms))
+      self.tasks.append(Task("update", False, self.update_s, comms))
 
   def prediction(self, model_name: str) -> Prediction:
     """Simulate the tasks (or, without overlap, add them up) into a `Prediction`."""
     cl, tasks, totals = self.cl, self.tasks, self.totals
     compute_s = sum(t.seconds for t in tasks if not t.comm)
     comm_s = sum(t.seconds for t in tasks if t.comm)
-    step_s = _simulate(tasks) if cl.overlaps_comm else compute_s + comm_s
+    step_s = simulate(tasks) if cl.overlaps_comm else compute_s + comm_s
     step_s = max(step_s, compute_s)
     global_batch = self.n * self.b
     sent = totals["param"] + totals["act"]
