@@ -109,3 +109,22 @@ def test_experiments_plan_prints_the_table_and_three_lines_and_one_line_errors()
   bad = subprocess.run([*cmd, "--cluster=tpu", "--gpus=8"], capture_output=True, text=True)
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("config error: --cluster='tpu'")
+
+
+def test_compile_without_the_cuda_packages_says_so_and_plans_with_the_model():
+  from experiments.gpu_target import cuda_missing
+
+  if not cuda_missing():
+    pytest.skip("the CUDA jax packages are installed: --compile would compile (not in CI)")
+  cmd = [sys.executable, "-m", "experiments.plan", "--config=experiments/configs/scaling.py"]
+  out = subprocess.run(
+    [*cmd, "--cluster=h100", "--gpus=8", "--compile"], capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr
+  assert "plan: --compile skipped: the CUDA plugin of jax" in out.stderr
+  assert "(compiled)" not in out.stdout
+  assert re.fullmatch(LAST_LINES[2], out.stdout.splitlines()[-1])
+  bad = subprocess.run(
+    [*cmd, "--cluster=minwa", "--gpus=8", "--compile"], capture_output=True, text=True
+  )
+  assert "config error: --compile compiles for H100 SXM: it needs --cluster=h100" in bad.stderr
