@@ -12,7 +12,7 @@ the paper and against what `experiments.scaling` measures and compiles:
    FLOPs / (peak x utilisation); element-wise work (ReLU, pooling) is left in
    the utilisation. The optimizer update is memory-bound: 20 bytes per
    parameter the device updates (`updated_parameters`: all of them under data
-   parallelism, 1/N of the sharded ones otherwise) / memory bandwidth. On a
+   parallelism, 1/N of the lazy ones, 1/L of the split ones) / memory bandwidth. On a
    `shared_host` cluster (simulated CPU devices) N devices share the host's
    FLOP/s, memory and copy bandwidth.
 2. **Collectives (alpha-beta)**: `collective_cost`, rounds of messages on the
@@ -58,9 +58,11 @@ the paper and against what `experiments.scaling` measures and compiles:
              XLA's own algorithm (`xla`), one micro-batch; modelled on one axis
    ========  ==================================================================
 
-   Prefetch (`parallel.prefetch_mb`): the gather of bucket j is issued at the
-   first layer of the earliest bucket k < j such that the buckets k+1 .. j-1
-   hold fewer than prefetch_mb MiB of parameters (0: k = j - 1, one ahead).
+   Prefetch (`parallel.prefetch_mb`, `layer_feed.LayerFeed.ahead`): a layer
+   whose last bucket is k prepares its buckets, k + 1 and each later j while
+   the buckets k+1 .. j-1 hold less than prefetch_mb MiB of parameters (0: one
+   bucket ahead); bucket j's gather is issued at the input of the first layer
+   that prepares it.
 
    Data-parallel bytes per device are 2 x params x (N-1)/N: flat in N. Hybrid's
    FC bytes are 2 x B x (F + H2) x (N-1)/N: they grow with the global batch.
