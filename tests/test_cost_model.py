@@ -12,7 +12,7 @@ import pytest
 from deep_image.config_error import ConfigError
 from deep_image.models.summary import total_parameters
 from deep_image.models.vgg import make_model, make_spec
-from deep_image.parallel import clusters, cross_node, layout_policy, strategies, validation
+from deep_image.parallel import clusters, layout_policy, strategies, validation
 from deep_image.parallel import collective_cost as cc
 from deep_image.parallel import cost_model as cm
 from deep_image.parallel import mesh as mesh_lib
@@ -356,7 +356,7 @@ def test_cross_node_bytes_match_the_compiled_program_on_two_pretend_hosts(
     _compiled_hlo(_strategy(c, 8)), cross_host.node_major_hosts(8, 4)
   )
   assert got.mean > 0
-  want = cross_node.cross_node_bytes(c, 8, 2)
+  want = cm.cross_node_bytes(c, 8, 2)
   # Per-bucket padding to a multiple of N differs (as compare_bytes), and the model has
   # no all-reduce of the step's few metric scalars (24 bytes, XLA's: a ring in group order).
   assert want.mean == pytest.approx(got.mean, rel=0.02, abs=64), (want, got.mean)

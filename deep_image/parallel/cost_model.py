@@ -77,27 +77,34 @@ the paper and against what `experiments.scaling` measures and compiles:
 
 The clusters are data (`clusters.PRESETS`); the study of Figure 3 built on
 `predict` (speedup, crossover, the report) is `scaling_model`; the bytes that
-cross nodes, for a config, `cross_node.cross_node_bytes`; the two-resource
-schedule the tasks run on, `step_schedule`. One concept over 500 lines: the
+cross nodes, for a config, `cross_node_bytes` (what `experiments.compile_gpu`'s
+cross_host lines read from the compiled program); the model's layers and what
+a device holds, `model_layout`; the two-resource schedule the tasks run on,
+`step_schedule`. One concept over 500 lines: the
 simulated step (`_Step`), whose tasks the four strategies share.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import numpy as np
 
 from deep_image.config_error import ConfigError
-from deep_image.models.summary import layer_rows
-from deep_image.models.vgg import FC_LAYERS, make_spec
+from deep_image.models.vgg import FC_LAYERS
 from deep_image.parallel import layout_policy
 from deep_image.parallel.clusters import Cluster, get_cluster
 from deep_image.parallel.collective_cost import CollectiveCost, level_cost, mesh_cost
 from deep_image.parallel.collectives import check_algorithm
 from deep_image.parallel.layout_policy import STRATEGIES
+from deep_image.parallel.model_layout import (
+  mesh_levels,
+  model_layers,
+  plan_buckets,
+  tensor_devices,
+  updated_parameters,
+)
 from deep_image.parallel.step_schedule import Task, simulate
 from deep_image.parallel.validation import OVERLAPS
 
@@ -160,46 +167,6 @@ PAPER_SETUP = StepSetup(
 )
 
 
-# ---------------------------------------------------------------- the model
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-  """A layer with parameters: its name in the parameter tree and per-image costs."""
-
-  name: str  # convs_i | fc1 | fc2 | fc3
-  flops: int  # forward, per image
-  kernel: int  # elements
-  bias: int
-  width: int  # output features per image (FC: the activation width)
-  fan_in: int  # input features per image (FC1: k k C, the gathered features)
-
-
-@functools.cache
-def model_layers(
-  model_name: str,
-  image_size: int = PAPER_SETUP.image_size,
-  num_classes: int = PAPER_SETUP.num_classes,
-  in_channels: int = PAPER_SETUP.in_channels,
-) -> tuple[Layer, ...]:
-  """The parameter layers of a `vgg.MODELS` model, forward order (from `summary.layer_rows`)."""
-  spec = make_spec(
-    model_name, num_classes=num_classes, image_size=image_size, in_channels=in_channels
-  )
-  out, conv, fan_in = [], 0, None
-  for row in layer_rows(spec):
-    if not row.parameters:
-      continue
-    width = row.output_shape[-1]
-    if row.name.startswith("conv"):
-      name, conv = f"convs_{conv}", conv + 1
-    else:
-      name = row.name
-      fan_in = spec.feature_dim if name == "fc1" else out[-1].width
-    out.append(Layer(name, row.flops, row.parameters - width, width, width, fan_in or 0))
-  return tuple(out)
-
-
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   """Predicted cost of one training step on one device (all devices alike).
@@ -232,62 +199,6 @@ class Prediction:
   bytes_across_per_device: float = 0.0  # mean over the devices
   bytes_inside_per_device: float = 0.0
   bytes_across_max_per_device: float = 0.0  # the device that sends the most across
-
-
-def _leaves(layers) -> list[tuple[tuple[str, str], int]]:
-  """((layer, 'kernel' | 'bias'), elements) of every parameter, as the model's tree names it."""
-  return [
-    ((x.name, leaf), size)
-    for x in layers
-    for leaf, size in (("kernel", x.kernel), ("bias", x.bias))
-  ]
-
-
-def plan_buckets(layers, strategy: str, conv: str, mesh, bucket_mb: float, bpv: int):
-  """The strategy's buckets (`layout_policy.plan_buckets`, as the strategies plan them).
-
-  mesh: the axis sizes, outer first (an int: one axis of that many devices).
-  """
-  leaves = _leaves(layers)
-  levels = mesh_levels(mesh)
-  return layout_policy.plan_buckets(
-    strategy,
-    conv,
-    [x.name for x in layers],
-    [names for names, _ in leaves],
-    [size for _, size in leaves],
-    levels[0] if len(levels) == 1 else levels,  # one axis: its size, as the strategies pass it
-    bucket_mb,
-    bpv,
-  )
-
-
-def mesh_levels(mesh) -> tuple[int, ...]:
-  """A mesh's axis sizes larger than 1, outer first ((1,): one device); an int: (n,)."""
-  sizes = (mesh,) if isinstance(mesh, int) else tuple(int(s) for s in mesh)
-  return tuple(s for s in sizes if s > 1) or (1,)
-
-
-def tensor_devices(strategy: str, conv: str, mesh) -> int:
-  """Over how many devices the strategy splits FC1 / FC2: the innermost axis (1: none)."""
-  return mesh_levels(mesh)[-1] if layout_policy.fc_split(strategy, conv) else 1
-
-
-def updated_parameters(layers, strategy: str, conv: str, mesh) -> float:
-  """Parameters one device updates per step: its 1/N of the lazy ones, 1/L of the split
-  ones (L: the innermost axis, all N on one axis), all of the replicated ones (data
-  parallelism repeats the whole update on every device).
-
-  The layouts are `layout_policy.RULES`; gspmd's entry is where XLA places the
-  weights (it keeps replicated weights replicated, their update too).
-  """
-  levels = mesh_levels(mesh)
-  n, split_over = math.prod(levels), levels[-1]
-  total = 0.0
-  for names, size in _leaves(layers):
-    kind = layout_policy.layout_of(strategy, conv, names).kind
-    total += size / {"replicated": 1, "lazy": n, "split": split_over}[kind]
-  return total
 
 
 def _share(cl: Cluster, n: int) -> Cluster:
@@ -358,6 +269,54 @@ def predict(
   step.backward()
   step.reduce_scatters()
   return step.prediction(model_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeBytes:
+  """Bytes per device per step sent to devices on other nodes (hosts), the mean over the
+  devices and the device that sends the most, and the mean sent inside its node."""
+
+  mean: float
+  max: float
+  inside: float
+
+
+def cross_node_bytes(config, num_devices: int, hosts: int, cluster: str | Cluster = "h100"):
+  """`NodeBytes` of `config`'s step on `num_devices` devices over `hosts` hosts, as the
+  cost model predicts: what `experiments.compile_gpu`'s `cross_host_mib_per_gpu` lines
+  (`analysis.cross_host`, the max) read from the compiled program.
+
+  Read from the config: model (name, image_size, num_classes, in_channels, dtype: the
+  activation bytes), train.batch_size (global), parallel.strategy, collective,
+  node_collective, mesh (its -1 resolved against num_devices), conv, overlap,
+  bucket_mb, fc_micro_batches, prefetch_mb, grad_dtype. The cluster preset's links
+  with devices_per_node = num_devices / hosts, ranks node-major (host h holds
+  devices h D .. h D + D - 1). Exact for the hand-written algorithms; for
+  'xla' the bytes are those of the algorithm it is modelled as (the faster of
+  ring and butterfly), where compile_gpu assumes a ring in group order.
+  """
+  if hosts < 1 or num_devices % hosts:
+    raise ValueError(f"hosts={hosts} must divide num_devices={num_devices}")
+  from deep_image.parallel import mesh as mesh_lib  # the config's mesh spec
+
+  par = config.parallel
+  _, sizes = mesh_lib.resolve_mesh_shape(par.mesh, num_devices)
+  per_node = num_devices // hosts
+  cl = get_cluster(cluster)
+  cl = dataclasses.replace(
+    cl,
+    devices_per_node=per_node,
+    num_nodes=hosts,
+    devices_per_nic=min(cl.devices_per_nic, per_node),
+  )
+  setup = StepSetup.from_config(config)
+  batch = config.train.batch_size // num_devices
+  p = predict(
+    config.model.name, par.strategy, par.collective, num_devices, batch, cl, setup, mesh=sizes
+  )
+  return NodeBytes(
+    p.bytes_across_per_device, p.bytes_across_max_per_device, p.bytes_inside_per_device
+  )
 
 
 class _Step:

@@ -32,7 +32,8 @@ import math
 from deep_image.models.summary import layer_rows
 from deep_image.models.vgg import make_spec
 from deep_image.parallel import layout_policy
-from deep_image.parallel.cost_model import StepSetup, mesh_levels, model_layers, tensor_devices
+from deep_image.parallel.cost_model import StepSetup
+from deep_image.parallel.model_layout import mesh_levels, model_layers, tensor_devices
 
 # Live activation bytes over the layers' output bytes. From the deviceless H100 compile
 # of hybrid, 8-conv, 64 bf16 images per GPU on 64 GPUs (BENCHMARKS.md, "Compiled for H100
