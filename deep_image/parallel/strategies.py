@@ -90,7 +90,8 @@ def make_strategy(
   """The strategy named by `config.parallel.strategy` on `mesh`.
 
   plan: what `validation.validate_parallel_config(config, num_devices)` returned
-  for this config and this mesh's axes (e.g. by preflight); None: validate here.
+  for this config and this mesh's axes (e.g. by preflight); None: validate here,
+  against `mesh`'s own axes.
   Either way the config is validated once.
 
   'auto' builds the strategy `choose_strategy` predicts fastest among
@@ -102,7 +103,10 @@ def make_strategy(
   e.g. `lambda im, aug: augment_device.augment_batch({"image": im, "augment": aug}, crop)`.
   """
   if plan is None:
-    plan = validate_parallel_config(config, mesh.size)
+    # Against the mesh as built (e.g. split by host, `mesh.by_host`), not as configured.
+    checked = copy.deepcopy(config)
+    checked.parallel.mesh = tuple(mesh.shape.items())
+    plan = validate_parallel_config(checked, mesh.size)
   elif plan.axis_sizes != dict(mesh.shape) or plan.strategy != config.parallel.strategy:
     raise ValueError(
       f"plan for {plan.strategy!r} on mesh axes {plan.axis_sizes} given for "
