@@ -44,12 +44,14 @@ class ShardMapStrategy(Strategy):
   1. (deferred) split parameters take their pending update (no communication);
   2. forward: the model, or conv + `fc_block` when FC weights are split. Each
      layer gets its parameters at its call (`LayerFeed`), where its buckets
-     and the next one are prepared: (deferred) all-gather of a replicated
-     bucket's pending chunks and the update of the bucket's leaves; (lazy
-     buckets) one all-gather of the stored shards;
+     and those ahead (`LayerFeed.ahead`, parallel.prefetch_mb) are prepared:
+     (deferred) all-gather of a replicated bucket's pending chunks and the
+     update of the bucket's leaves; (lazy buckets) one all-gather of the
+     stored shards;
   3. backward: each bucket's `buckets.sync_point` reduce-scatters its
      gradients as soon as backward has passed its layers; split parameters'
-     gradients are complete on their devices;
+     gradients are complete on their devices (one axis) or all-reduced over
+     the nodes in their 'split' bucket (node x local);
   4. (none) all-gather + update every bucket now (`_apply_pending_local`);
      (deferred) keep the reduced chunks as `TrainState.pending`.
   """
