@@ -376,7 +376,8 @@ def plan_text(plan_: Plan, header: str = "") -> str:
   lines += [
     f"plan: {plan_.model} on {plan_.gpus} GPUs of {cl.name} ({cl.description}), "
     f"{plan_.batch_per_gpu} images per GPU (mini-batch {plan_.gpus * plan_.batch_per_gpu}); "
-    "predicted by the cost model, not measured",
+    "predicted by the cost model, not measured. mesh: G (one axis) or NODESxLOCAL; "
+    "algorithm 'a/b': parallel.node_collective a across nodes, parallel.collective b inside",
     "",
     table(plan_.rows),
   ]
