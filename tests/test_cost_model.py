@@ -228,6 +228,18 @@ def test_prefetch_gives_fc1s_gather_more_compute_to_hide_behind():
   assert times[-1] < 0.95 * times[0] and base_.exposed_comm_s > 0.05
 
 
+@pytest.mark.parametrize("preset", ["h100", "cpu"])
+def test_the_exposed_communication_is_charged_to_the_collectives_that_cause_it(preset):
+  for strategy, mesh in (("lazy", (64,)), ("hybrid", (8, 8)), ("data", (8, 8))):
+    p = cm.predict(MODEL, strategy, "butterfly", 64, 16, preset, mesh=mesh, image_size=32)
+    assert sum(s for _, s in p.exposed) == pytest.approx(p.exposed_comm_s), (strategy, mesh)
+    assert [s for _, s in p.exposed] == sorted((s for _, s in p.exposed), reverse=True)
+  # One axis, 64 images per H100: FC1's 616 MB gather, one bucket ahead, hides behind
+  # only conv7-8 (BENCHMARKS.md, "Planning a cluster").
+  p = cm.predict(MODEL, "lazy", "butterfly", 64, 64, "h100")
+  assert p.exposed[0][0].startswith("all-gather of fc1 (lazy, ") and p.exposed[0][1] > 2e-3
+
+
 def test_one_device_is_pure_compute_and_speedup_is_one():
   p = cm.predict(MODEL, "hybrid", "butterfly", 1, 64, "minwa")
   assert (p.comm_s, p.bytes_sent_per_device, p.step_s) == (0.0, 0.0, p.compute_s)

@@ -199,6 +199,9 @@ class Prediction:
   bytes_across_per_device: float = 0.0  # mean over the devices
   bytes_inside_per_device: float = 0.0
   bytes_across_max_per_device: float = 0.0  # the device that sends the most across
+  # (what, seconds) of the exposed communication, largest first (`step_schedule`'s
+  # charges: what the compute stream waited for, and the step's tail).
+  exposed: tuple[tuple[str, float], ...] = ()
 
 
 def _share(cl: Cluster, n: int) -> Cluster:
@@ -524,8 +527,15 @@ class _Step:
     cl, tasks, totals = self.cl, self.tasks, self.totals
     compute_s = sum(t.seconds for t in tasks if not t.comm)
     comm_s = sum(t.seconds for t in tasks if t.comm)
-    step_s = simulate(tasks) if cl.overlaps_comm else compute_s + comm_s
-    step_s = max(step_s, compute_s)
+    if cl.overlaps_comm:
+      schedule = simulate(tasks)
+      step_s, charged = max(schedule.end, compute_s), schedule.exposed
+    else:
+      step_s, charged = compute_s + comm_s, {t.name: t.seconds for t in tasks if t.comm}
+    exposed: dict[str, float] = {}
+    for name, seconds in charged.items():
+      what = self.describe(name)
+      exposed[what] = exposed.get(what, 0.0) + seconds
     global_batch = self.n * self.b
     sent = totals["param"] + totals["act"]
     return Prediction(
@@ -552,4 +562,27 @@ class _Step:
       bytes_across_per_device=totals["across"],
       bytes_inside_per_device=sent - totals["across"],
       bytes_across_max_per_device=float(np.max(self.across_by_device)),
+      exposed=tuple(sorted(exposed.items(), key=lambda kv: -kv[1])),
     )
+
+  # The FC head's collectives by task name (micro-batch parts add up).
+  _HEAD = {
+    "ag_feat": "FC1 input all-gather",
+    "rs_y2": "FC2 partial sums reduce-scatter",
+    "ag_dy2": "FC2 output gradient all-gather",
+    "rs_dfeat": "FC1 input gradient reduce-scatter",
+  }
+
+  def describe(self, name: str) -> str:
+    """A collective task's name (ag:3, rs_y2.1, ...) in words, e.g. 'all-gather of fc1
+    (lazy, 616 MB)'."""
+    if "." in name:
+      return self._HEAD[name.split(".")[0]]
+    what, i = name.split(":")
+    kind, layers, elements = self.plan[int(i)]
+    span = layers[0] if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+    op = "reduce-scatter" if what == "rs" else "all-gather"
+    if kind == "split":
+      op = f"all-reduce ({op} half) over node"
+    bytes_ = self.bucket("reduce_scatter" if what == "rs" else "all_gather", int(i)).bytes_sent
+    return f"{op} of {span} ({kind}, {bytes_ / 1e6:.3g} MB sent)"

@@ -296,6 +296,11 @@ def _no_room(row: Row, cl: Cluster) -> str:
   )
 
 
+def _exposed(p: cost_model.Prediction, top: int = 3) -> str:
+  """The largest exposed collectives of a prediction, in words."""
+  return ", ".join(f"{seconds * 1e3:.2f} ms {what}" for what, seconds in p.exposed[:top])
+
+
 def _mib(x: float) -> str:
   return f"{x / 2**20:,.0f}"
 
@@ -329,12 +334,21 @@ def why(plan_: Plan) -> list[str]:
     f"efficiency); {bp.compute_s * 1e3:.2f} ms of compute and {bp.exposed_comm_s * 1e3:.2f} ms "
     f"of communication left exposed ({bp.comm_s * 1e3:.2f} ms of collectives in all).",
   ]
+  if bp.exposed:
+    out.append(f"Exposed: {_exposed(bp)}.")
   if best is flat:
     out.append("It is also the fastest setup on a one-axis mesh.")
+    two = next((r for r in plan_.rows if len(r.setup.mesh) > 1), None)
+    if two is not None:
+      tp = two.prediction
+      out.append(
+        f"The fastest node x local setup, {two.setup.label}, takes {tp.step_s * 1e3:.2f} ms "
+        f"({two.speedup:.1f}x; {tp.exposed_comm_s * 1e3:.2f} ms exposed: {_exposed(tp)})."
+      )
   else:
     out.append(
       f"The fastest one-axis setup, {flat.setup.label}, takes {fp.step_s * 1e3:.2f} ms "
-      f"({flat.speedup:.1f}x; {fp.exposed_comm_s * 1e3:.2f} ms exposed): "
+      f"({flat.speedup:.1f}x; {fp.exposed_comm_s * 1e3:.2f} ms exposed: {_exposed(fp)}): "
       f"{best.speedup / flat.speedup:.2f}x slower than the recommendation."
     )
     if best.setup.strategy == "hybrid" and len(best.setup.mesh) > 1:
