@@ -11,6 +11,8 @@ function               per device
 `plan_buckets`         the strategy's buckets (`layout_policy.plan_buckets`, as the
                        strategies plan them)
 `tensor_devices`       over how many devices FC1 / FC2 are split: the innermost axis
+                       (`layout_policy.mesh_levels` / `tensor_devices`: the mesh's
+                       levels, as the strategies read them)
 `updated_parameters`   parameters it updates: replicated whole, lazy 1/N, split 1/L
 =====================  ===========================================================
 
@@ -26,6 +28,7 @@ import math
 from deep_image.models.summary import layer_rows
 from deep_image.models.vgg import make_spec
 from deep_image.parallel import layout_policy
+from deep_image.parallel.layout_policy import mesh_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,28 +83,22 @@ def plan_buckets(layers, strategy: str, conv: str, mesh, bucket_mb: float, bpv: 
   mesh: the axis sizes, outer first (an int: one axis of that many devices).
   """
   leaves = param_leaves(layers)
-  levels = mesh_levels(mesh)
   return layout_policy.plan_buckets(
     strategy,
     conv,
     [x.name for x in layers],
     [names for names, _ in leaves],
     [size for _, size in leaves],
-    levels[0] if len(levels) == 1 else levels,  # one axis: its size, as the strategies pass it
+    mesh_levels(mesh),
     bucket_mb,
     bpv,
   )
 
 
-def mesh_levels(mesh) -> tuple[int, ...]:
-  """A mesh's axis sizes larger than 1, outer first ((1,): one device); an int: (n,)."""
-  sizes = (mesh,) if isinstance(mesh, int) else tuple(int(s) for s in mesh)
-  return tuple(s for s in sizes if s > 1) or (1,)
-
-
 def tensor_devices(strategy: str, conv: str, mesh) -> int:
-  """Over how many devices the strategy splits FC1 / FC2: the innermost axis (1: none)."""
-  return mesh_levels(mesh)[-1] if layout_policy.fc_split(strategy, conv) else 1
+  """Over how many devices the strategy splits FC1 / FC2 (`layout_policy.tensor_devices`:
+  the innermost axis); 1 for a strategy that splits nothing."""
+  return layout_policy.tensor_devices(mesh) if layout_policy.fc_split(strategy, conv) else 1
 
 
 def updated_parameters(layers, strategy: str, conv: str, mesh) -> float:
@@ -113,7 +110,7 @@ def updated_parameters(layers, strategy: str, conv: str, mesh) -> float:
   weights (it keeps replicated weights replicated, their update too).
   """
   levels = mesh_levels(mesh)
-  n, split_over = math.prod(levels), levels[-1]
+  n, split_over = math.prod(levels), layout_policy.tensor_devices(levels)
   total = 0.0
   for names, size in param_leaves(layers):
     kind = layout_policy.layout_of(strategy, conv, names).kind
