@@ -29,8 +29,11 @@ uses JAX, so the Grain workers that unpickle its callables need none (tests/test
 runs it with `import jax` failing; Grain itself imports jax where it is installed, and runs
 without it).
 
-Eval (`make_eval_iterator`): one pass in source order, the last batch padded with repeats
-of real records and a 'mask' marking the real ones.
+Eval (`make_eval_iterator`): one pass over the split, padded with repeats of real records
+to whole global batches and a 'mask' marking the real ones; in source order, or ('whole',
+dense evaluation of the whole image) grouped by the images' resized shapes
+(`whole_image_plan`, from `record_shapes`: a header read of every record), one shape per
+batch.
 
 Config fields (`config.data`): `data_config.default_config()` declares them with their
 defaults; code reads the fields directly, so a config without one fails loudly instead of
@@ -39,19 +42,23 @@ running on a hidden default.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from typing import Any
 
 import cv2
 import grain
 import ml_collections
 import numpy as np
+import simplejpeg
+from PIL import Image
 
 from deep_image.config_error import ConfigError
 from deep_image.data import augment, augment_host, grain_workers
 from deep_image.data.sources import decode_image, make_source
 
 AUGMENT_ON = ("host", "device")
-EVAL_MODES = ("center", "square", "full")
+EVAL_MODES = ("center", "square", "whole", "full")
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -293,13 +300,186 @@ def make_train_iterator(
   return grain_workers.iterate(ds, data_cfg, num_workers)
 
 
-class _EvalExample:
-  """(index, padded?) -> eval example; picklable for Grain workers."""
+def _resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """The (h, w) that `resize_shorter_side` gives an [height, width] image (tested to agree)."""
+  if min(height, width) == size:
+    return height, width
+  if height <= width:
+    return size, max(size, round(width * size / height))
+  return max(size, round(height * size / width)), size
 
-  def __init__(self, src: Any, scale: int, crop_size: int, mode: str):
+
+def whole_image_shape(height: int, width: int, scale: int, grid: int) -> tuple[int, int]:
+  """The shape a whole-image dense view scores: resized, then snapped to the model's grid.
+
+  The image is resized to shorter side `scale` (`resize_shorter_side`); a side longer than
+  `scale` is then cut, centred, to `scale` plus a multiple of `grid` (the model's stride,
+  2^pools), i.e. by fewer than `grid` pixels. With `scale` a multiple of `grid` the cut
+  loses no score-map position: a map has floor(side / grid) - k + 1 positions along a side
+  either way, and the cut pixels were only ever seen through the border convolutions.
+  Shapes are bounded: images of aspect ratio up to A give at most 1 + 2 (A - 1) scale / grid
+  distinct shapes (`accuracy` module docstring).
+
+  Args:
+    height, width: the record's image, before resizing.
+    scale: the shorter side S.
+    grid: the model's stride in pixels (1: no snapping).
+
+  Returns:
+    (h, w), min(h, w) == scale.
+  """
+  if grid < 1:
+    raise ValueError(f"grid={grid}: expected the model's stride in pixels, >= 1")
+  h, w = _resized_shape(int(height), int(width), int(scale))
+  return tuple(scale + (side - scale) // grid * grid for side in (h, w))
+
+
+def image_shape(image: bytes | np.ndarray) -> tuple[int, int]:
+  """(H, W) of a record's image without decoding its pixels (a header read for bytes).
+
+  Agrees with `decode_image(image).shape[:2]` (tested): JPEGs by simplejpeg's header
+  reader, other formats (and JPEGs it rejects) by Pillow, which reads only the header.
+  """
+  if isinstance(image, np.ndarray):
+    return int(image.shape[0]), int(image.shape[1])
+  data = bytes(image)
+  if data[:2] == b"\xff\xd8":
+    try:
+      height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+      return int(height), int(width)
+    except ValueError:
+      pass  # Pillow reports a broken file the way decode_image does
+  with Image.open(io.BytesIO(data)) as img:
+    width, height = img.size
+  return int(height), int(width)
+
+
+class _RecordShape:
+  """index -> int32 [2], the (H, W) of source record `index`; picklable for Grain workers."""
+
+  def __init__(self, src: Any):
+    self.src = src
+
+  def __call__(self, index: int) -> np.ndarray:
+    return np.asarray(image_shape(self.src[int(index)]["image"]), np.int32)
+
+
+def record_shapes(
+  data_cfg: Any,
+  *,
+  source: Any,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int | None = None,
+) -> np.ndarray:
+  """int32 [n_p, 2]: (H, W) of records [process_index::process_count] of `source`.
+
+  The pre-pass of whole-image dense evaluation: one record read and header parse each, no
+  decode (the generated sources render theirs: 2 ms at 96 px). Each process reads its
+  share; the caller gathers them (`accuracy.Evaluator`).
+  """
+  n = len(source)
+  ds = grain.MapDataset.range(n)[process_index::process_count].map(_RecordShape(source))
+  ds = ds.to_iter_dataset(grain_workers.read_options(data_cfg, num_workers)).batch(256)
+  parts = list(grain_workers.iterate(ds, data_cfg, num_workers))
+  return np.concatenate(parts) if parts else np.zeros((0, 2), np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeImagePlan:
+  """The positions of a whole-image pass: groups of one shape, each whole global batches.
+
+  Position t of the padded index space reads source record `index[t]`, resized and cut to
+  `shape[t]`; `real[t]` is False for the repeats that fill a group's last global batch.
+  Every real record appears exactly once; groups are in sorted shape order.
+
+  Attributes:
+    index: int32 [T] source record of each position.
+    real: bool [T].
+    shape: int32 [T, 2] (h, w) of each position's view (`whole_image_shape`).
+    source_shape: int32 [N, 2] (H, W) of every source record before resizing.
+  """
+
+  index: np.ndarray
+  real: np.ndarray
+  shape: np.ndarray
+  source_shape: np.ndarray
+
+  @property
+  def shapes(self) -> list[tuple[int, int]]:
+    """The distinct view shapes: one compiled program each."""
+    return sorted({(int(h), int(w)) for h, w in self.shape})
+
+
+def whole_image_plan(
+  source_shape: np.ndarray, *, scale: int, grid: int, global_batch_size: int
+) -> WholeImagePlan:
+  """Groups records by `whole_image_shape`, each group padded to whole global batches.
+
+  A group of n records fills ceil(n / B) global batches; its last is completed with
+  repeats of the group's own records (mask False), so a batch never mixes shapes and at
+  most B - 1 padding rows per shape are computed.
+
+  Args:
+    source_shape: int [N, 2] (H, W) of every record (`record_shapes`, all processes).
+    scale, grid: as `whole_image_shape`.
+    global_batch_size: B.
+  """
+  source_shape = np.asarray(source_shape, np.int32).reshape(-1, 2)
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, (h, w) in enumerate(source_shape):
+    groups.setdefault(whole_image_shape(h, w, scale, grid), []).append(i)
+  index, real, shape = [], [], []
+  for view_shape in sorted(groups):
+    members = groups[view_shape]
+    padded = -(-len(members) // global_batch_size) * global_batch_size
+    index += [members[t % len(members)] for t in range(padded)]
+    real += [t < len(members) for t in range(padded)]
+    shape += [view_shape] * padded
+  return WholeImagePlan(
+    index=np.asarray(index, np.int32),
+    real=np.asarray(real, bool),
+    shape=np.asarray(shape, np.int32).reshape(-1, 2),
+    source_shape=source_shape,
+  )
+
+
+class _EvalExample:
+  """(index, padded?) -> eval example; picklable for Grain workers.
+
+  `plan` (mode 'whole'): a `WholeImagePlan` whose positions `index` counts; otherwise
+  position i reads record i mod N and is real for i < N.
+  """
+
+  def __init__(self, src: Any, scale: int, crop_size: int, mode: str, plan=None):
     self.src, self.scale, self.crop_size, self.mode = src, scale, crop_size, mode
+    self.plan = plan
+
+  def _whole(self, index: int) -> dict:
+    plan = self.plan
+    source_index = int(plan.index[index])
+    record = self.src[source_index]
+    image = decode_image(record["image"], min_side=self.scale)
+    # Resize to the shape the plan computed from the header, not from the decoded pixels
+    # (a reduced-scale JPEG decode rounds its sides): every process agrees on the batch.
+    height, width = plan.source_shape[source_index]
+    h, w = _resized_shape(int(height), int(width), self.scale)
+    if image.shape[:2] != (h, w):
+      shrink = h < image.shape[0]
+      interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+      image = cv2.resize(image, (w, h), interpolation=interpolation)
+    out_h, out_w = (int(s) for s in plan.shape[index])
+    y0, x0 = (h - out_h) // 2, (w - out_w) // 2
+    return {
+      "image": np.ascontiguousarray(image[y0 : y0 + out_h, x0 : x0 + out_w]),
+      "label": np.int32(record["label"]),
+      "index": np.int32(source_index),
+      "mask": np.bool_(plan.real[index]),
+    }
 
   def __call__(self, index: int) -> dict:
+    if self.mode == "whole":
+      return self._whole(int(index))
     source_index = index % len(self.src)
     record = self.src[source_index]
     image = _decode_resized(record, self.scale)
@@ -320,8 +500,9 @@ def _stack_eval(examples: list[dict]) -> dict:
   shapes = {e["image"].shape for e in examples}
   if len(shapes) > 1:
     raise ValueError(
-      f"eval mode='full' batches images of one size only, got {sorted(shapes)}: use "
-      "global_batch_size=1 per process or a source of same-size images"
+      f"an eval batch holds images of one size only, got {sorted(shapes)}: in mode='full' "
+      "use mode='whole' (grouped by shape), global_batch_size=1 per process or a source of "
+      "same-size images"
     )
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -337,12 +518,17 @@ def make_eval_iterator(
   split: str = "validation",
   num_workers: int | None = None,
   source: Any = None,
+  grid: int = 1,
+  source_shape: np.ndarray | None = None,
 ) -> grain.DatasetIterator:
-  """One pass over an evaluation split in source order, last batch padded.
+  """One pass over an evaluation split, padded to whole global batches.
 
   The index space is padded up to a multiple of `global_batch_size`; process p reads
-  positions [p::process_count] of it, so every process yields the same number of batches
-  and together they see each real example once.
+  positions [p::process_count] of it, so every process yields the same number of batches,
+  local batch j of every process holds rows of global batch j, and together they see each
+  real example once. Modes 'center', 'square' and 'full' read the source in order, the
+  last batch padded with repeats; 'whole' reads `whole_image_plan`'s positions: one view
+  shape per global batch, each shape's last batch padded with repeats of its own records.
 
   Args:
     data_cfg: `config.data`.
@@ -350,18 +536,22 @@ def make_eval_iterator(
     process_index, process_count: this process's share.
     mode: after resizing the shorter side to the scale: 'center' (the centre
       augment.crop_size crop), 'square' (the centre scale x scale square: the whole image
-      of a square source; dense evaluation batches these) or 'full' (the whole resized
-      image; same-size images per batch).
+      of a square source; `dense_square` views), 'whole' (the whole resized image snapped
+      to `grid`, `whole_image_shape`; batches grouped by shape; `dense` views) or 'full'
+      (the whole resized image; same-size images per batch).
     scale: the shorter side; None: `eval_scale(data_cfg)`.
     split: generic split name for `make_source`.
     num_workers: overrides `data_cfg.num_workers`.
     source: a random-access source; `make_source(data_cfg, split)` when None.
+    grid: 'whole': the model's stride in pixels.
+    source_shape: 'whole': int [N, 2] (H, W) of every record, identical on every process
+      (`record_shapes`, gathered); None: this process reads every record's header.
 
   Returns:
     a Grain DatasetIterator of {'image': uint8 [b, c, c, 3] ('center'), [b, s, s, 3]
-    ('square') or [b, h, w, 3] ('full'), 'label': int32 [b], 'index': int32 [b] (the
-    record's position in the source; padding repeats real records), 'mask': bool [b]
-    (True = real example)},
+    ('square') or [b, h, w, 3] ('full', 'whole': h, w may change from batch to batch),
+    'label': int32 [b], 'index': int32 [b] (the record's position in the source; padding
+    repeats real records), 'mask': bool [b] (True = real example)},
     b = global_batch_size / process_count.
   """
   b = _host_batch_size(global_batch_size, process_count)
@@ -372,9 +562,20 @@ def make_eval_iterator(
   crop = int(data_cfg.augment.crop_size)
   if crop > scale:
     raise ConfigError(f"data.augment.crop_size={crop} exceeds the evaluation scale {scale}")
-  total = -(-len(src) // global_batch_size) * global_batch_size
+  plan = None
+  if mode == "whole":
+    if source_shape is None:
+      source_shape = record_shapes(data_cfg, source=src, num_workers=num_workers)
+    if len(source_shape) != len(src):
+      raise ValueError(f"source_shape has {len(source_shape)} rows for {len(src)} records")
+    plan = whole_image_plan(
+      source_shape, scale=scale, grid=grid, global_batch_size=global_batch_size
+    )
+    total = len(plan.index)
+  else:
+    total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(_EvalExample(src, scale, crop, mode)).to_iter_dataset(
+  ds = ds.map(_EvalExample(src, scale, crop, mode, plan)).to_iter_dataset(
     grain_workers.read_options(data_cfg, num_workers)
   )
   ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)

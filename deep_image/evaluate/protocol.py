@@ -2,16 +2,22 @@
 
 A protocol is a name a user types and a table row shows:
 
-=======================  ===============================================================
-name                     views of each image, fused by averaging softmax posteriors
-=======================  ===============================================================
-center@256               the centre crop (crop_size) of the image resized to 256
-center+flip@256          that crop and its mirror image
-dense@256                the FC layers run as convolutions over the image resized to
-                         256 (its centre 256 x 256 square); the class-score map's
-                         posteriors are averaged over its positions (OverFeat / VGG)
-dense+flip@256,384,512   dense views at three scales, each also mirrored: 6 views
-=======================  ===============================================================
+=========================  =============================================================
+name                       views of each image, fused by averaging softmax posteriors
+=========================  =============================================================
+center@256                 the centre crop (crop_size) of the image resized to 256
+center+flip@256            that crop and its mirror image
+dense@256                  the FC layers run as convolutions over the whole image resized
+                           to 256 (any aspect ratio; the longer side cut by less than the
+                           model's stride, `pipeline.whole_image_shape`); the class-score
+                           map's posteriors are averaged over all its positions
+                           (OverFeat / VGG)
+dense+flip@256,384,512     dense views at three scales, each also mirrored: 6 views
+dense_square@256           as dense, over the centre 256 x 256 square only (the strips of a
+                           non-square image beyond it are not scored; on square images the
+                           same as dense)
+dense_square+flip@256,512  its flips and scales, as for dense
+=========================  =============================================================
 
 Without '@scales' (`parse_protocol(text, default_scale)`) a protocol is tested at the
 model's own evaluation scale, so `--protocol=dense+flip` means the same thing for models
@@ -28,8 +34,12 @@ import re
 
 from deep_image.config_error import ConfigError
 
-KINDS = ("center", "dense")
-_NAME = re.compile(r"^(center|dense)(\+flip)?(?:@(\d+(?:,\d+)*))?$")
+# View kinds: what of the resized image is scored (`accuracy.Evaluator` maps each to an eval
+# iterator mode: 'center', 'whole', 'square').
+KINDS = ("center", "dense", "dense_square")
+# The kinds of `protocol_grid` (`experiments.evaluate --dense`); dense_square only by name.
+GRID_KINDS = ("center", "dense")
+_NAME = re.compile(r"^(center|dense_square|dense)(\+flip)?(?:@(\d+(?:,\d+)*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +88,8 @@ def parse_protocol(text: str, default_scale: int) -> Protocol:
   match = _NAME.match(text.strip())
   if not match:
     raise ConfigError(
-      f"test protocol {text!r}: expected center|dense, then optionally +flip and "
-      "@SCALE[,SCALE...], e.g. 'dense+flip@256,512'"
+      f"test protocol {text!r}: expected center|dense|dense_square, then optionally +flip "
+      "and @SCALE[,SCALE...], e.g. 'dense+flip@256,512'"
     )
   kind, flip, scales = match.groups()
   parsed = tuple(int(s) for s in scales.split(",")) if scales else (int(default_scale),)
@@ -89,13 +99,14 @@ def parse_protocol(text: str, default_scale: int) -> Protocol:
 def protocol_grid(scales: tuple[int, ...], *, flip: bool, dense: bool) -> list[Protocol]:
   """Every combination `experiments.evaluate` reports, centre crop at the first scale first.
 
-  Kinds: center (and dense); flips: no (and yes); scales: each alone (and, for several,
-  all fused). With scales (256, 512), flip and dense that is 2 x 2 x 3 = 12 protocols.
+  Kinds: center (and dense, the whole image; dense_square only by name); flips: no (and
+  yes); scales: each alone (and, for several, all fused). With scales (256, 512), flip and
+  dense that is 2 x 2 x 3 = 12 protocols.
   """
   if not scales:
     raise ConfigError("no test scales given")
   scale_sets = [(s,) for s in scales] + ([tuple(scales)] if len(scales) > 1 else [])
-  kinds = KINDS if dense else ("center",)
+  kinds = GRID_KINDS if dense else ("center",)
   flips = (False, True) if flip else (False,)
   return [Protocol(k, s, f) for k in kinds for f in flips for s in scale_sets]
 
