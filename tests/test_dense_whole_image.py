@@ -273,3 +273,94 @@ def test_grouped_padded_batches_score_each_image_as_it_scores_alone(tiny_vgg):
   assert not np.allclose(views[(S, True)], views[(S, False)], atol=1e-4)
   assert not np.allclose(views[(32, False)], views[(S, False)], atol=1e-4)
   assert evaluation.results["dense@24,32"]["count"] == len(sizes)
+
+
+# Two processes: 7 records (3:2 and 2:3, cues outside the square), shares of 4 and 3 rows.
+_MP_PHOTOS = [p for p in PHOTOS if p[:2] in ((24, 36), (36, 24))][:7]
+_MP_PROTOCOLS = ("dense", "dense_square", "dense+flip")
+
+
+def _mp_evaluate() -> dict:
+  """{protocol: (scores list, results)} and the gathered record shapes, on any topology."""
+  source = [
+    {"image": _photo(h, w, patch, seed=i), "label": label}
+    for i, (h, w, patch, label, _) in enumerate(_MP_PHOTOS)
+  ]
+  evaluator = Evaluator(PatchModel(), _cfg(), _sharding(), global_batch_size=BATCH, grid=GRID)
+  evaluation = evaluator.run(
+    {}, [parse_protocol(p, S) for p in _MP_PROTOCOLS], split="-", source=source
+  )
+  return {
+    "shapes": evaluator.source_shape("-", source).tolist(),
+    "labels": evaluation.labels.tolist(),
+    "scores": {k: v.tolist() for k, v in evaluation.scores.items()},
+    "results": evaluation.results,
+  }
+
+
+def _mp_worker(process_id: int, port: int, out_dir: str) -> None:
+  import json
+  import os
+
+  jax.config.update("jax_num_cpu_devices", 4)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+  out = _mp_evaluate()
+  with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:
+    json.dump(out, f)
+  jax.distributed.shutdown()
+
+
+def test_two_processes_score_their_shares_like_one(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import portpicker
+  from conftest import PATIENT_COLLECTIVES
+
+  port = portpicker.pick_unused_port()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=PATIENT_COLLECTIVES,  # no forced device count: each process sets 4 itself
+    PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
+      cwd=repo,
+      env=env,
+      stdout=open(tmp_path / f"process_{i}.log", "w"),  # noqa: SIM115 (the child owns it)
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
+  try:
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  tails = "".join((tmp_path / f"process_{i}.log").read_text()[-2000:] for i in range(2))
+  assert codes == [0, 0], tails
+  reference = json.loads(json.dumps(_mp_evaluate()))  # one process, 8 devices
+  n = len(_MP_PHOTOS)
+  assert reference["results"]["dense@24"]["top1"] == 1.0
+  assert reference["results"]["dense_square@24"]["top1"] < 1.0
+  for i in range(2):
+    out = json.loads((tmp_path / f"process_{i}.json").read_text())
+    assert out["shapes"] == [list(p[:2]) for p in _MP_PHOTOS]
+    assert out["labels"] == reference["labels"]
+    assert out["results"] == reference["results"]
+    for name, scores in reference["scores"].items():
+      np.testing.assert_allclose(out["scores"][name], scores, rtol=1e-6)
+    assert all(r["count"] == n for r in out["results"].values())
+
+
+if __name__ == "__main__":
+  import sys
+
+  _mp_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
