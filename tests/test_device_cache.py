@@ -128,3 +128,62 @@ def test_off_and_bad_batch():
   cfg.cache_on_device = True
   with pytest.raises(ValueError, match=r"train\.batch_size=12"):
     device_cache.DeviceCache.build(src, cfg, _sharding(), global_batch_size=12, seed=0)
+
+
+def test_the_training_loop_sizes_the_cache_after_the_state_is_placed(tmp_path, monkeypatch):
+  """Fresh and resumed, the loop builds the cache once the train state is on the devices,
+  so the free memory it plans with is what the state leaves (paper 3.1). The reading is
+  stubbed as memory_stats would give it: a limit minus the bytes of the live arrays."""
+  import gc
+
+  from conftest import tiny_config
+
+  from deep_image.models import summary, vgg
+  from deep_image.train import train_and_evaluate
+  from deep_image.train.checkpoint import Checkpointer
+
+  def in_use():
+    """Bytes of live arrays on the fullest device."""
+    per_device = {}
+    for array in jax.live_arrays():
+      for shard in array.addressable_shards:
+        per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
+
+  limit, seen = 1 << 30, []
+
+  def free_bytes(data_cfg, sharding):
+    seen.append(in_use())
+    return limit - seen[-1], "stub: limit - bytes in use"
+
+  monkeypatch.setattr(device_cache, "_free_bytes_per_device", free_bytes)
+  gc.collect()
+  before = in_use()
+  config = lambda steps: tiny_config(  # noqa: E731
+    **{
+      "data.cache_on_device": True,
+      "parallel.strategy": "data",  # every device holds the whole state
+      "train.num_steps": steps,
+      "train.checkpoint_every": 2,
+      "train.eval_every": 0,
+    }
+  )
+  cfg = config(2)
+  spec = vgg.make_spec(
+    cfg.model.name,
+    num_classes=cfg.model.num_classes,
+    image_size=cfg.model.image_size,
+    in_channels=cfg.model.in_channels,
+  )
+  # float32 parameters and their momentum, on every device (plus the pending update).
+  state_bytes = 2 * 4 * summary.total_parameters(spec)
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(cfg, workdir)
+  assert len(seen) == 1 and seen[0] - before >= state_bytes, (seen, before, state_bytes)
+  train_and_evaluate(config(4), workdir)  # resumes from step 2's checkpoint
+  assert len(seen) == 2 and seen[1] - before >= state_bytes, (seen, before, state_bytes)
+  checkpoints = Checkpointer(workdir, 3, read_only=True)
+  try:
+    assert checkpoints.meta(4)["input"] == "device cache"  # the cache fitted and was used
+  finally:
+    checkpoints.close()

@@ -17,15 +17,20 @@ input      the training input's position, one JSON file per process
            (`process_<i>-of-<n>.json`, Grain's checkpoint handler): a Grain
            iterator's `get_state()` or the device cache's step
 meta       JSON: step, strategy, devices, processes, input kind, whether a
-           pending update is saved, the stored shape of every state leaf, and
-           the whole config
+           pending update is saved, the stored shape of every state leaf, the
+           run clock (`train_seconds`: seconds of training up to this step,
+           what a resumed run continues from), and the whole config
 =========  ==================================================================
 
 Which checkpoints stay: the latest `train.keep_checkpoints`, plus the best by
 validation top-1 (checkpoints saved at an evaluation carry {'top1', 'top5'}
 as Orbax metrics).
 
-Restoring (`restore`):
+Restoring (`restore` is `restore_state`, then `restore_input`; the training loop calls
+the two apart, so that its input, the device cache and its free-memory reading included,
+is built once the state is on the devices: `restore_state(hold_input=True)` reads the
+saved input position together with the state, so that an unreadable one is damage of that
+step before the run commits to it, and `restore_input` applies it to the built input):
 - same layout (strategy, device count and stored shapes as saved): straight
   into the strategy's shardings, bit for bit; with the input state this makes
   a resumed run log exactly the losses of an uninterrupted one;
@@ -151,6 +156,22 @@ class InputState:
     pass
 
 
+class _HeldInput:
+  """Receives a saved input position (the bytes `InputState` stores) and keeps it, parsed,
+  for an input that is built later (`Checkpointer.restore_input`). Parsed here, inside the
+  read, so that a position that is not JSON is a read failure (damage) as with
+  `InputState`."""
+
+  def __init__(self):
+    self.state: dict | None = None
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state.decode())
+
+  def start_prefetch(self) -> None:
+    pass
+
+
 def _top1(metrics: dict) -> float:
   return metrics["top1"]
 
@@ -230,6 +251,9 @@ class Checkpointer:
       },
     )
     self.read_only = read_only
+    # (step, meta, this process's saved input position or None): what
+    # `restore_state(hold_input=True)` read for `restore_input`.
+    self._held_input: tuple[int, dict, dict | None] | None = None
 
   # --- what is there ---------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -262,15 +286,29 @@ class Checkpointer:
       )
     return meta
 
+  def train_seconds(self, step: int) -> float | None:
+    """The run clock saved with the step (seconds of training up to it; `loop`), or None
+    for a checkpoint saved before checkpoints held it."""
+    value = self.meta(step).get("train_seconds")
+    return None if value is None else float(value)
+
   # --- save ------------------------------------------------------------------
   def save(
-    self, state: TrainState, input_source, *, strategy, config, metrics: dict | None = None
+    self,
+    state: TrainState,
+    input_source,
+    *,
+    strategy,
+    config,
+    metrics: dict | None = None,
+    train_seconds: float = 0.0,
   ) -> None:
     """Start an asynchronous save of the state after `state.step` steps.
 
     Returns once the arrays are copied off the devices (the step may then
     donate `state`); the files are written in the background and committed
-    atomically. `input_source` must be positioned after the same step.
+    atomically. `input_source` must be positioned after the same step;
+    `train_seconds` is the run clock at that step (seconds), stored in the meta.
     """
     step = int(jax.device_get(state.step))
     meta = {
@@ -282,6 +320,7 @@ class Checkpointer:
       "num_workers": int(config.data.num_workers),
       "pending": state.pending is not None,
       "stored_shapes": _stored_shapes(state),
+      "train_seconds": float(train_seconds),
       "config": json.loads(config.to_json_best_effort()),
     }
     self.manager.save(
@@ -305,24 +344,34 @@ class Checkpointer:
     self.manager.close()
 
   # --- restore ---------------------------------------------------------------
-  def restore_latest(self, strategy, config, input_source=None) -> tuple[int, TrainState] | None:
+  def restore_latest(
+    self, strategy, config, input_source=None, *, hold_input: bool = False
+  ) -> tuple[int, TrainState] | None:
     """(step, state) of the newest readable checkpoint (`restore_first_readable`)."""
     return self.restore_first_readable(
-      sorted(self.manager.all_steps(), reverse=True), strategy, config, input_source
+      sorted(self.manager.all_steps(), reverse=True),
+      strategy,
+      config,
+      input_source,
+      hold_input=hold_input,
     )
 
   def restore_first_readable(
-    self, steps: Sequence[int], strategy, config, input_source=None
+    self, steps: Sequence[int], strategy, config, input_source=None, *, hold_input: bool = False
   ) -> tuple[int, TrainState] | None:
     """(step, state) of the first of `steps` that can be read back (`restore`).
 
     A damaged one is logged in one line and, unless read-only, moved to
     checkpoints/damaged/<step>; then the next is tried. None when none is readable (with
-    `input_source`, i.e. training: logged as a fresh start, the input at step 0).
+    `input_source` or `hold_input`, i.e. training: logged as a fresh start, the input at
+    step 0). `hold_input`: the input is not built yet; the step's saved input position is
+    read with its state (its damage is the step's) and kept for `restore_input(step, ...)`.
     IncompatibleCheckpoint and every error that is not a read failure propagate.
     """
     for i, step in enumerate(steps):
       try:
+        if hold_input and input_source is None:
+          return step, self.restore_state(step, strategy, config, hold_input=True)
         return step, self.restore(step, strategy, config, input_source)
       except DamagedCheckpoint as e:
         moved = "" if self.read_only else f"; moved to {self._move_aside(step)}"
@@ -330,6 +379,7 @@ class Checkpointer:
         logging.warning("%s%s; %s", e, moved, nxt)
     if steps and input_source is not None:
       input_source.start_at(0)  # a process may have read a damaged step's position
+    if steps and (input_source is not None or hold_input):
       logging.warning(
         "no readable checkpoint in %s (%s damaged): starting from step 0",
         self.directory,
@@ -354,10 +404,23 @@ class Checkpointer:
 
   def restore(self, step: int, strategy, config, input_source=None) -> TrainState:
     """The state saved at `step`, laid out for `strategy`; positions `input_source` (None:
-    the state only, e.g. to evaluate).
+    the state only, e.g. to evaluate): `restore_state`, then `restore_input`.
 
     Raises IncompatibleCheckpoint when the model / optimizer fields differ,
     DamagedCheckpoint (every process alike) when its files cannot be read back.
+    """
+    state = self.restore_state(step, strategy, config)
+    if input_source is not None:
+      self.restore_input(step, strategy, config, input_source)
+    return state
+
+  def restore_state(self, step: int, strategy, config, *, hold_input: bool = False) -> TrainState:
+    """The state saved at `step`, laid out for `strategy` (on its devices).
+
+    hold_input: also read this process's saved input position now, as part of the step's
+    damage check (where the process and worker counts are as saved, i.e. where it can
+    apply), and keep it for `restore_input(step, ...)` on an input built afterwards.
+    Raises as `restore`.
     """
     meta = self.meta(step)
     where = f"checkpoint {self.step_dir(step)}"
@@ -381,15 +444,40 @@ class Checkpointer:
         strategy.mesh.size,
       )
       state = self._restore_other_layout(step, meta, strategy)
-    if input_source is None:
-      return state
-    same_input = (
-      meta["input"] == input_source.kind
-      and meta["process_count"] == jax.process_count()
-      and meta["num_workers"] == int(config.data.num_workers)
-    )
-    if same_input:
-      self._read(step, "input", grain.checkpoint.CheckpointRestore(InputState(input_source)))
+    if hold_input:
+      self._held_input = (step, meta, self._saved_input(step, meta, config))
+    return state
+
+  def _saved_input(self, step: int, meta: dict, config) -> dict | None:
+    """This process's saved input position (Grain's handler reads
+    `process_<i>-of-<n>.json`), or None where the process or worker count differs from the
+    saved one (the positions are per process: they do not apply). DamagedCheckpoint when it
+    cannot be read (every process alike)."""
+    if meta["process_count"] != jax.process_count() or meta["num_workers"] != int(
+      config.data.num_workers
+    ):
+      return None
+    return self._read(step, "input", grain.checkpoint.CheckpointRestore(_HeldInput())).state
+
+  def restore_input(self, step: int, strategy, config, input_source) -> None:
+    """Position `input_source` after `step`, as the checkpoint of that step says.
+
+    Its saved per-process position where the input kind, process and worker counts are as
+    saved (the one `restore_state(step, hold_input=True)` read, or read now); otherwise
+    `input_source.start_at(step)`, logged. Raises DamagedCheckpoint when a position it
+    reads now cannot be read.
+    """
+    held, self._held_input = self._held_input, None
+    if held is not None and held[0] == step:
+      meta, saved = held[1], held[2]
+    else:
+      meta = self.meta(step)
+      # Read only where it applies (as before the restore was split in two).
+      as_saved = meta["input"] == input_source.kind
+      saved = self._saved_input(step, meta, config) if as_saved else None
+    where = f"checkpoint {self.step_dir(step)}"
+    if saved is not None and meta["input"] == input_source.kind:
+      input_source.set_state(saved)
     else:
       # Another process or worker count (or input kind): the saved positions are per
       # process, but the Grain stream is global, so it resumes at the saved step exactly.
@@ -412,7 +500,6 @@ class Checkpointer:
         if exact
         else "of its own stream (not the batches the saved run would have read next)",
       )
-    return state
 
   def _read(self, step: int, item: str, args) -> Any:
     """One item of the step, read on every process; DamagedCheckpoint when any could not."""

@@ -10,6 +10,19 @@ checkpoint (logging `resumed from step N`) and continues exactly as the
 uninterrupted run would have; on a workdir finished at `train.num_steps` it
 returns result.json, and with a larger `train.num_steps` it trains on from
 the last checkpoint (result.json is rewritten at the new end).
+
+The run clock: every metrics.jsonl record carries `train_seconds`, the wall-clock
+seconds spent training since the run's step 0, counted as images/s counts them (the
+first step of each process, i.e. compilation, and time spent evaluating, saving and
+logging are not counted: `_Clock`). A resumed run continues from the value saved in the
+restored checkpoint's meta (the one source; the time the run was down is not counted),
+so its first step after the restore, a compilation, logs the checkpoint's value.
+
+Order of construction: the train state is created (`strategy.init`) or restored first,
+then the training input, so that the device cache reads the devices' free memory with the
+model and optimizer state already on them (paper 3.1: the data fill what the model leaves);
+the restore reads the checkpoint's input position with its state (an unreadable one is
+damage of that step) and applies it once the input exists (`Checkpointer.restore_input`).
 """
 
 from __future__ import annotations
@@ -98,6 +111,32 @@ class _Window:
     return {"images_per_sec": self.steps * batch_size / elapsed, "step_time": elapsed / self.steps}
 
 
+class _Clock:
+  """The run clock: seconds of training since step 0 of the run, over resumes.
+
+  Counts what `_Window` counts: it runs from the end of a process's first step
+  (compilation) and is paused while the loop evaluates, saves or logs. Starts at the
+  restored checkpoint's value.
+  """
+
+  def __init__(self, seconds: float = 0.0):
+    self._seconds, self._since = float(seconds), None
+
+  def run(self) -> None:
+    if self._since is None:
+      self._since = time.perf_counter()
+
+  def pause(self) -> None:
+    if self._since is not None:
+      self._seconds += time.perf_counter() - self._since
+      self._since = None
+
+  @property
+  def seconds(self) -> float:
+    running = time.perf_counter() - self._since if self._since is not None else 0.0
+    return self._seconds + running
+
+
 def _host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -152,8 +191,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     plan=plan.parallel,
   )
   check_room_for_checkpoint(workdir, strategy.abstract_state())
-  batches = TrainInput(config, strategy.batch_sharding, plan.train_source, plan.sampling_space)
-  logging.info("training input: %s", batches.kind)
   logging.info(
     "strategy %s, collective %s, %d parameters",
     strategy.name,
@@ -163,12 +200,19 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   checkpoints = Checkpointer(workdir, config.train.keep_checkpoints)
   try:
-    start, state = _restore_latest(checkpoints, strategy, config, batches)
+    start, state, train_seconds = _restore_latest(checkpoints, strategy, config)
+    # The state is on the devices (allocated, not just dispatched): only now may the device
+    # cache read the free memory, so that it takes what the model leaves (paper 3.1).
+    jax.block_until_ready(state)
+    batches = TrainInput(config, strategy.batch_sharding, plan.train_source, plan.sampling_space)
+    logging.info("training input: %s", batches.kind)
+    if start:
+      checkpoints.restore_input(start, strategy, config, batches)
     # Every check has passed: only now is the run's record written (a refused start leaves
     # the workdir as it was).
     if jax.process_index() == 0:
       write_run_config(workdir, config)
-    run = _Run(config, workdir, plan, strategy, model, batches, checkpoints, start)
+    run = _Run(config, workdir, plan, strategy, model, batches, checkpoints, start, train_seconds)
   except BaseException:
     checkpoints.close()
     raise
@@ -179,9 +223,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     run.close()
 
 
-def _restore_latest(checkpoints: Checkpointer, strategy, config, batches):
-  """(step, state): the latest checkpoint laid out for `strategy` (positioning `batches`),
-  or (0, a fresh state) when there is none. Writes nothing in the workdir's records.
+def _restore_latest(checkpoints: Checkpointer, strategy, config):
+  """(step, state, train_seconds): the latest readable checkpoint laid out for `strategy`
+  (its input position read and held for `checkpoints.restore_input(step, ...)`) and the run
+  clock saved with it, or (0, a fresh state, 0.0) when there is none. Writes nothing in the
+  workdir's records.
 
   Raises:
     ConfigError: the checkpoint is past `train.num_steps`, or (IncompatibleCheckpoint) its
@@ -189,7 +235,7 @@ def _restore_latest(checkpoints: Checkpointer, strategy, config, batches):
   """
   start = checkpoints.latest_step()
   if start is None:
-    return 0, strategy.init(jax.random.key(config.seed))
+    return 0, strategy.init(jax.random.key(config.seed)), 0.0
   if start > config.train.num_steps:
     raise ConfigError(
       f"train.num_steps={config.train.num_steps} is below step {start} of the latest "
@@ -197,21 +243,31 @@ def _restore_latest(checkpoints: Checkpointer, strategy, config, batches):
     )
   # IncompatibleCheckpoint (a ConfigError) when the model or optimizer fields differ; a
   # damaged checkpoint is moved to checkpoints/damaged/ and the next older one restored.
-  restored = checkpoints.restore_latest(strategy, config, batches)
+  restored = checkpoints.restore_latest(strategy, config, hold_input=True)
   if restored is None:  # none readable (logged): a fresh start
-    return 0, strategy.init(jax.random.key(config.seed))
+    return 0, strategy.init(jax.random.key(config.seed)), 0.0
   start, state = restored
   logging.info("resumed from step %d (%s)", start, checkpoints.step_dir(start))
-  return start, state
+  seconds = checkpoints.train_seconds(start)
+  if seconds is None:
+    logging.warning(
+      "checkpoint of step %d holds no run clock (saved before checkpoints had one): "
+      "train_seconds counts from 0 at this resume",
+      start,
+    )
+  return start, state, seconds or 0.0
 
 
 class _Run:
   """The loop's moving parts; `train` runs the steps from `start` to the end."""
 
-  def __init__(self, config, workdir, plan, strategy, model, batches, checkpoints, start):
+  def __init__(
+    self, config, workdir, plan, strategy, model, batches, checkpoints, start, train_seconds
+  ):
     self.config, self.workdir, self.strategy, self.model = config, workdir, strategy, model
     self.batches, self.eval_source, self.checkpoints = batches, plan.eval_source, checkpoints
     self.start = start
+    self.clock = _Clock(train_seconds)
     self.save_failed = False
     self.writer = MetricsWriter(workdir, resume_step=start)
     self.schedule = plan.schedule
@@ -257,6 +313,7 @@ class _Run:
     )
 
   def _evaluate(self, state, step: int, *, record_it: bool = True) -> dict:
+    # The clock is paused: the record carries the seconds of training up to `step`.
     data = self.config.data
     evaluation = self.evaluator.run(
       self.strategy.full_params(state),
@@ -265,7 +322,12 @@ class _Run:
       source=self.eval_source,
     )
     result = evaluation.results[self.protocol.name]
-    record = {"split": data.eval_split, "protocol": self.protocol.name, **result}
+    record = {
+      "split": data.eval_split,
+      "protocol": self.protocol.name,
+      **result,
+      "train_seconds": self.clock.seconds,
+    }
     if record_it:
       self.writer.write_eval(step, record)
     logging.info(
@@ -284,7 +346,12 @@ class _Run:
     # A save raises the error of the previous (asynchronous) one, if it failed.
     with self._out_of_space_keeps_the_last_checkpoint():
       self.checkpoints.save(
-        state, self.batches, strategy=self.strategy, config=self.config, metrics=evaluation
+        state,
+        self.batches,
+        strategy=self.strategy,
+        config=self.config,
+        metrics=evaluation,
+        train_seconds=self.clock.seconds,
       )
 
   def _wait_for_saves(self) -> None:
@@ -341,13 +408,22 @@ class _Run:
         host = _host_metrics(metrics)
       if step == self.start + 1:
         # Everything before this point was compilation: time from here on.
-        window.restart()
+        window.restart()  # the clock starts at this iteration's end (`run` below)
+      if log_now or eval_now or save_now:
+        # The step is done (its metrics are on the host): stop the clock at its end, and
+        # keep it stopped while logging, evaluating and saving (as the window does).
+        self.clock.pause()
       if log_now:
         self._fail_if_not_finite(step, host)
         speed = window.report(batch_size)
         if "images_per_sec" in speed:
           self.window_rates.append(speed["images_per_sec"])
-        record = {**host, "learning_rate": float(self.schedule(step - 1)), **speed}
+        record = {
+          **host,
+          "learning_rate": float(self.schedule(step - 1)),
+          **speed,
+          "train_seconds": self.clock.seconds,
+        }
         self.writer.write_train(step, record)
         shown = ("loss", "top1", "learning_rate", "images_per_sec")
         steps_per_sec = 1.0 / speed["step_time"] if speed else 0.0
@@ -359,6 +435,8 @@ class _Run:
         self._save(state, step, host, evaluation if eval_now else None)
       if eval_now or save_now:
         window.restart()
+      # Runs from the end of the first step (compilation) on; a no-op where it ran on.
+      self.clock.run()
       if preempted and not is_last:
         self._wait_for_saves()  # "saved" only once it is committed
         logging.warning("preempted: checkpoint of step %d saved; exiting", step)

@@ -4,14 +4,21 @@ Files in the workdir DIR (written by process 0 only):
 
 | path                                  | content                                             |
 | ------------------------------------- | --------------------------------------------------- |
-| DIR/metrics.jsonl, train record       | {"step", "loss", "top1", "learning_rate", ...}: one |
-|                                       | JSON object a line, keys sorted, no "split" key     |
+| DIR/metrics.jsonl, train record       | {"step", "loss", "top1", "learning_rate", ...,      |
+|                                       | "train_seconds"}: one JSON object a line, keys      |
+|                                       | sorted, no "split" key                              |
 | DIR/metrics.jsonl, eval record        | {"step", "split", "top1", "top5", maybe "count",    |
-|                                       | "protocol" (e.g. "center@36")}                      |
+|                                       | "protocol" (e.g. "center@36"), "train_seconds"}     |
 | DIR/tensorboard/events.out.tfevents.* | TensorBoard scalars, written by tensorboardX (no    |
 |                                       | TensorFlow): tag "train/<key>" for each numeric key |
 |                                       | of a train record, "<split>/<key>" for an eval      |
 |                                       | record (e.g. "validation/top1"); TB step = "step"   |
+
+`train_seconds` (records of the training loop, `deep_image.train.loop`): the run clock,
+seconds of training since the run's step 0 up to the record's step, compilation (each
+process's first step), evaluation, saving and logging not counted (as images/s), continued
+over resumes from the value saved in the restored checkpoint; non-decreasing in step. What
+`experiments.time_to_accuracy` reads.
 
 Resuming (`MetricsWriter(DIR, resume_step=k)`, k = the restored checkpoint's step):
 metrics.jsonl keeps the records with step <= k and drops the rest (rewritten atomically),
