@@ -189,6 +189,29 @@ def test_whole_mode_groups_by_shape_and_counts_every_image_once(folder_source):
   assert sum(int(b["mask"].sum()) for b in alone) == len(PHOTOS)
 
 
+def test_worker_processes_give_the_same_batches(folder_source):
+  # Grain workers take every W-th element: batched before them, so a batch keeps its shape
+  # and its rows, and the header pre-pass its order.
+  cfg = _cfg()
+  shapes = pipeline.record_shapes(cfg, source=folder_source)
+  np.testing.assert_array_equal(
+    pipeline.record_shapes(cfg, source=folder_source, num_workers=2), shapes
+  )
+  kwargs = dict(global_batch_size=4, mode="whole", source=folder_source, grid=GRID)
+  alone = list(pipeline.make_eval_iterator(cfg, **kwargs, source_shape=shapes))
+  it = pipeline.make_eval_iterator(cfg, **kwargs, source_shape=shapes, num_workers=2)
+  with it:
+    workers = list(it)
+  assert len(workers) == len(alone) == 5
+  for a, w in zip(alone, workers, strict=True):
+    for key in ("image", "index", "mask"):
+      np.testing.assert_array_equal(a[key], w[key])
+  # A source_shape out of source order is refused, not resized into another shape.
+  swapped = shapes[::-1].copy()
+  with pytest.raises(ValueError, match="source_shape says"):
+    list(pipeline.make_eval_iterator(cfg, **kwargs, source_shape=swapped))
+
+
 def test_whole_view_pixels_are_the_resized_image_cut_to_the_grid():
   images = [_photo(48, 86, seed=1), _photo(24, 24, seed=2)]
   source = [{"image": im, "label": 0} for im in images]

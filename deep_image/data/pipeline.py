@@ -380,7 +380,8 @@ def record_shapes(
   """
   n = len(source)
   ds = grain.MapDataset.range(n)[process_index::process_count].map(_RecordShape(source))
-  ds = ds.to_iter_dataset(grain_workers.read_options(data_cfg, num_workers)).batch(256)
+  # Batched before the workers, which take every W-th element: whole batches, in order.
+  ds = ds.batch(256).to_iter_dataset(grain_workers.read_options(data_cfg, num_workers))
   parts = list(grain_workers.iterate(ds, data_cfg, num_workers))
   return np.concatenate(parts) if parts else np.zeros((0, 2), np.int32)
 
@@ -462,8 +463,15 @@ class _EvalExample:
     image = decode_image(record["image"], min_side=self.scale)
     # Resize to the shape the plan computed from the header, not from the decoded pixels
     # (a reduced-scale JPEG decode rounds its sides): every process agrees on the batch.
-    height, width = plan.source_shape[source_index]
-    h, w = _resized_shape(int(height), int(width), self.scale)
+    height, width = (int(v) for v in plan.source_shape[source_index])
+    got_h, got_w = image.shape[:2]
+    # A reduced-scale decode rounds each side up: its aspect is the header's to a pixel.
+    if abs(got_h * width - got_w * height) > height + width:
+      raise ValueError(
+        f"record {source_index}: decoded {got_h}x{got_w}, but source_shape says "
+        f"{height}x{width} (source_shape must list the records in source order)"
+      )
+    h, w = _resized_shape(height, width, self.scale)
     if image.shape[:2] != (h, w):
       shrink = h < image.shape[0]
       interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
@@ -575,8 +583,12 @@ def make_eval_iterator(
   else:
     total = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(_EvalExample(src, scale, crop, mode, plan)).to_iter_dataset(
-    grain_workers.read_options(data_cfg, num_workers)
-  )
-  ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval)
+  ds = ds.map(_EvalExample(src, scale, crop, mode, plan))
+  options = grain_workers.read_options(data_cfg, num_workers)
+  if grain_workers.worker_count(data_cfg, num_workers):
+    # Workers take every W-th element of what they are given: whole batches, so batch j
+    # holds the rows it holds without workers ('whole': one shape, not every W-th row).
+    ds = ds.batch(b, drop_remainder=False, batch_fn=_stack_eval).to_iter_dataset(options)
+  else:
+    ds = ds.to_iter_dataset(options).batch(b, drop_remainder=False, batch_fn=_stack_eval)
   return grain_workers.iterate(ds, data_cfg, num_workers)
