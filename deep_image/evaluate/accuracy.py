@@ -39,9 +39,10 @@ score-map positions the padding produced, costs:
   pixels computed per real pixel         1 (+ <= B-1 padding rows   1.25 (4:3 with 3:4 in
                                          per shape and pass)        a batch), 1.5 (3:2 with
                                                                     2:3), 1.75 (16:9 / 9:16)
-  scores vs the image alone              identical                  positions within the
-                                                                    receptive field (212 px
-                                                                    for VGG-16) of padding
+  scores vs the image alone              identical                  positions whose receptive
+                                                                    field (VGG-16's FC1: 404
+                                                                    px, 90 beyond its 224 px
+                                                                    window) reaches padding
                                                                     see it through SAME
                                                                     convolutions: counted,
                                                                     they are not the image's
@@ -53,10 +54,10 @@ score-map positions the padding produced, costs:
                                          (no decode), cached        largest shape must be
                                                                     agreed on by processes)
 
-A split therefore compiles, per dense view (scale, flip), one program per distinct shape of
-`WholeImagePlan.shapes` (1 for square images, where dense and dense_square agree exactly
-when S is a multiple of g), and one for a centre or dense_square view. Shapes repeat across
-views: jit keeps each program, so a second pass at the same scale compiles nothing.
+A split therefore compiles one program per distinct shape of `WholeImagePlan.shapes` for
+each dense view (scale, flip: a flipped view is its own program), 1 for square images
+(where dense and dense_square are the same view), and one per centre or dense_square view.
+jit keeps them: the same view again (another protocol, other parameters) compiles nothing.
 
 Scores live on the host, one float32 [N, classes] array per view (ImageNet's validation
 split: 200 MB a view), gathered from every process, so all processes hold all of them.
