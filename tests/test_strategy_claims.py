@@ -236,12 +236,19 @@ def test_hybrid_moves_activations_not_fc_weight_gradients():
 _PROGRAM_OP = re.compile(r"= \"?stablehlo\.(convolution|all_gather|reduce_scatter)")
 
 
-def _program_order(strategy, overlap, conv="data"):
+def _program_order(strategy, overlap, conv="data", prefetch_mb=0.0):
   """(convolutions and collectives of the lowered step in program order, the number of
   buckets per kind). Algorithm xla: all_gather / reduce_scatter are the gradient
-  pipeline's; a bucket per layer and kind."""
+  pipeline's; a bucket per layer and kind. prefetch_mb: 0, one bucket ahead."""
   text = _compiled_step_text(
-    strategy, 8, compiled=False, collective="xla", conv=conv, overlap=overlap, bucket_mb=0
+    strategy,
+    8,
+    compiled=False,
+    collective="xla",
+    conv=conv,
+    overlap=overlap,
+    bucket_mb=0,
+    prefetch_mb=prefetch_mb,
   )
   c = _config(strategy, conv=conv, batch=8)
   c.parallel.bucket_mb = 0
@@ -249,10 +256,13 @@ def _program_order(strategy, overlap, conv="data"):
   return _PROGRAM_OP.findall(text), {k: kinds.count(k) for k in ("replicated", "lazy")}
 
 
+@pytest.mark.parametrize("prefetch_mb", [0.0, 1.0])
 @pytest.mark.parametrize("overlap", ["none", "deferred"])
 @pytest.mark.parametrize("strategy", ["data", "lazy"])
-def test_gradients_are_reduce_scattered_during_backward(strategy, overlap):
-  ops, buckets = _program_order(strategy, overlap)
+def test_gradients_are_reduce_scattered_during_backward(strategy, overlap, prefetch_mb):
+  """Also when every bucket is fetched at the first layer (prefetch_mb above vgg_tiny's
+  size): the reduce-scatters stay pinned one bucket from their layers."""
+  ops, buckets = _program_order(strategy, overlap, prefetch_mb=prefetch_mb)
   convs = [i for i, op in enumerate(ops) if op == "convolution"]
   scatters = [i for i, op in enumerate(ops) if op == "reduce_scatter"]
   # vgg_tiny: 2 conv layers; data: 5 buckets (one per layer), lazy: 5 of kernels and 5
@@ -275,6 +285,11 @@ def test_deferred_fetches_buckets_during_the_forward_pass(strategy):
   # One per bucket: the update's (replicated) or the weights' (lazy).
   assert len(gathers) == sum(buckets.values()), deferred
   assert sum(i > first_conv for i in gathers) >= 3, deferred
+  # parallel.prefetch_mb larger than the model: every fetch before the first convolution.
+  prefetched, _ = _program_order(strategy, "deferred", prefetch_mb=1.0)
+  gathers = [i for i, op in enumerate(prefetched) if op == "all_gather"]
+  assert len(gathers) == sum(buckets.values()), prefetched
+  assert all(i < prefetched.index("convolution") for i in gathers), prefetched
   # The contrast: without overlap, data's all-gathers all follow the backward pass.
   if strategy == "data":
     none, _ = _program_order(strategy, "none")

@@ -32,11 +32,11 @@ leaf is exactly what `layouts.LAZY` stores on device r. Then:
 ======================  =====================================================
 `gather(shards,         one all-gather: device r's [C] (its chunks) ->
   shapes)`              every leaf, of its shape, on every device
-`sync_point(slot, xs,   identity on the usable leaves xs; in backward, one
-  after)`
-                        reduce-scatter of their cotangents' [N, C] buffer, so
-                        the cotangent of `slot` [C] is device r's chunk of
-                        every leaf's gradient summed over devices
+`sync_point(slot, xs,   identity on the usable leaves xs (full shapes); in
+  after)`               backward, one reduce-scatter of their cotangents'
+                        [N, C] buffer, so the cotangent of `slot` [C] is
+                        device r's chunk of every leaf's gradient summed over
+                        devices (a lazy bucket's leaves are `gather`ed before)
 ======================  =====================================================
 
 The sync point is where the overlap comes from: backward reaches it as soon as
@@ -200,14 +200,13 @@ def gather(
   return [r.reshape(-1)[: math.prod(s)].reshape(s) for r, s in zip(rows, shapes, strict=True)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def sync_point(
   slot: jax.Array,
   values: tuple,
   after: jax.Array,
   axis_name,
   algorithm,
-  gather_to: tuple | None = None,
   grad_dtype: str = "float32",
   all_reduce: bool = False,
 ) -> tuple[tuple, jax.Array]:
@@ -217,9 +216,8 @@ def sync_point(
     slot: zeros [C], float32: differentiate with respect to it to receive this
       device's chunks of the bucket's summed gradient, [C]; with `all_reduce`
       (a 'split' bucket), the whole summed gradient of its leaves, [C].
-    values: the bucket's leaves (full shapes), returned as they are; or, with
-      `gather_to` (the leaves' full shapes), this device's chunks [c_i], gathered
-      (`gather`) into arrays of those shapes.
+    values: the bucket's leaves (full shapes; a lazy bucket's as gathered, a split
+      bucket's shards), returned as they are.
     after: an activation the forward pass computes before the bucket is used
       (the input of the previous bucket's first layer), returned as it is. In
       backward, the reduce-scatter must be done when `after`'s cotangent is:
@@ -231,18 +229,15 @@ def sync_point(
   Returns:
     (the leaves for use, after).
   """
-  del slot
-  if gather_to is None:
-    return values, after
-  return tuple(gather(list(values), gather_to, axis_name, algorithm)), after
+  del slot, axis_name, algorithm, grad_dtype, all_reduce
+  return values, after
 
 
-def _sync_fwd(slot, values, after, axis_name, algorithm, gather_to, grad_dtype, all_reduce):
-  out = sync_point(slot, values, after, axis_name, algorithm, gather_to, grad_dtype, all_reduce)
-  return out, None
+def _sync_fwd(slot, values, after, axis_name, algorithm, grad_dtype, all_reduce):
+  return sync_point(slot, values, after, axis_name, algorithm, grad_dtype, all_reduce), None
 
 
-def _sync_bwd(axis_name, algorithm, gather_to, grad_dtype, all_reduce, _, cotangents):
+def _sync_bwd(axis_name, algorithm, grad_dtype, all_reduce, _, cotangents):
   cotangents, after_cotangent = cotangents
   n = jax.lax.axis_size(axis_name)
   dtype = GRAD_DTYPES[grad_dtype]
@@ -254,11 +249,7 @@ def _sync_bwd(axis_name, algorithm, gather_to, grad_dtype, all_reduce, _, cotang
     summed = collectives.reduce_scatter(buffer.reshape(-1), axis_name, algorithm=algorithm)
   summed = summed.astype(jnp.float32)
   summed, after_cotangent = jax.lax.optimization_barrier((summed, after_cotangent))
-  if gather_to is None:
-    zeros = jax.tree.map(jnp.zeros_like, cotangents)
-  else:
-    zeros = tuple(jnp.zeros((math.ceil(math.prod(s) / n),), jnp.float32) for s in gather_to)
-  return summed, zeros, after_cotangent
+  return summed, jax.tree.map(jnp.zeros_like, cotangents), after_cotangent
 
 
 sync_point.defvjp(_sync_fwd, _sync_bwd)

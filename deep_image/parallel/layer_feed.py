@@ -1,9 +1,25 @@
 """Parameter fetching during the forward pass of the shard_map strategies.
 
 `LayerFeed` hands each layer its parameters when the layer is called (a Flax
-method interceptor): there its gradient buckets are prepared (the deferred
-update, the lazy all-gather) and pass through their `buckets.sync_point`, so
-backward reduce-scatters each bucket as soon as its layers are done.
+method interceptor). Two things happen for each gradient bucket, at two places:
+
+==========  ===========================================  ==========================
+step        what                                         where (bucket k's layers)
+==========  ===========================================  ==========================
+fetch       the deferred update (`prepare`: all-gather   at the layers of bucket
+            of the pending gradient chunks + the         j < k with `ahead(j)` ∋ k:
+            update); lazy buckets: the all-gather of     parallel.prefetch_mb ahead
+            the stored shards
+sync point  `buckets.sync_point`: identity forward;      at the layers of bucket
+            backward reduce-scatters the bucket's        k - 1: one bucket ahead
+            gradients before the gradient of that
+            layer's input
+==========  ===========================================  ==========================
+
+So a large bucket's forward transfer can start several buckets early (it has their
+compute to hide behind), while its backward reduce-scatter stays pinned one bucket
+from its layers: it overlaps the next bucket's backward instead of drifting to the
+end of the backward pass.
 """
 
 from __future__ import annotations
@@ -17,14 +33,12 @@ class LayerFeed:
   """Inside the differentiated forward pass: each layer's parameters at its first use.
 
   When a layer whose last bucket is k is called with input x, its buckets and
-  the buckets ahead of it (`ahead(k)`: k + 1, and more with parallel.prefetch_mb)
-  are prepared (`prepare(k, x)`: the update) and passed through their
-  `buckets.sync_point` (lazy buckets: the all-gather), so backward
-  reduce-scatters each bucket's gradients there. So the work for bucket k + 1
-  can overlap bucket k's layers, and no bucket is gathered before the forward
-  pass is that close to it. A 'split' bucket (node x local hybrid) is its split
-  leaves as they are, through a sync point that all-reduces their gradients over
-  the nodes.
+  those `ahead(k)` are fetched, not before x exists (`prepare(k, x)`: the update;
+  lazy buckets: the all-gather), and its buckets and bucket k + 1 pass through
+  their `buckets.sync_point` with x, so backward reduce-scatters each bucket's
+  gradients before x's gradient. A 'split' bucket (node x local hybrid) is its
+  split leaves as they are, through a sync point that all-reduces their gradients
+  over the nodes.
   """
 
   def __init__(self, strategy, slots, split_ids, split_leaves, prepare):
@@ -33,7 +47,8 @@ class LayerFeed:
     self._usable = dict(zip(split_ids, split_leaves, strict=True))
     self._parts: dict[int, jax.Array] = {}
     self.new_opt: dict[int, list] = {}
-    self._done: set[int] = set()
+    self._fetched: dict[int, tuple] = {}  # bucket -> its leaves, fetched
+    self._synced: set[int] = set()
     self._buckets_of_layer: dict[str, list[int]] = {}
     for k, bucket in enumerate(strategy.buckets):
       for layer in bucket.layers:
@@ -46,7 +61,7 @@ class LayerFeed:
     self._prefetch_bytes = strategy.config.parallel.prefetch_mb * 2**20
 
   def ahead(self, k: int) -> list[int]:
-    """The buckets prepared at bucket k's layers: k + 1, and each later bucket j while the
+    """The buckets fetched at bucket k's layers: k + 1, and each later bucket j while the
     buckets between (k+1 .. j-1) hold less than parallel.prefetch_mb MiB of parameters.
 
     Far enough ahead that a large bucket's transfer (FC1's 616 MB under data) has the
@@ -60,29 +75,40 @@ class LayerFeed:
       between += self._s.buckets[j].elements * 4
     return out
 
-  def _ensure(self, k: int, after: jax.Array) -> jax.Array:
-    """Prepare bucket k (once), not before `after`; returns `after` through its sync point."""
-    if k >= len(self._s.buckets) or k in self._done:
-      return after
-    self._done.add(k)
+  def _fetch(self, k: int, after: jax.Array) -> None:
+    """Fetch bucket k (once), not before `after`: its deferred update; lazy: the gather."""
+    if k >= len(self._s.buckets) or k in self._fetched:
+      return
     s, bucket = self._s, self._s.buckets[k]
-    if bucket.kind == "split":  # updated already (`_update_split`): no fetch, a sync only
-      values = tuple(self._usable[i] for i in bucket.leaves)
-      usable, after = buckets.sync_point(
-        self._slots[k], values, after, s.node_axis, s.node_algorithm, None, s.grad_dtype, True
-      )
-      self._usable.update(zip(bucket.leaves, usable, strict=True))
-      return after
+    if bucket.kind == "split":  # updated already (`_update_split`): nothing to fetch
+      self._fetched[k] = tuple(self._usable[i] for i in bucket.leaves)
+      return
     parts, new_opt = self._prepare(k, after)
-    lazy = bucket.kind == "lazy"
-    gather_to = s.shapes_of(bucket) if lazy else None
-    usable, after = buckets.sync_point(
-      self._slots[k], tuple(parts), after, s.axis, s.algorithm, gather_to, s.grad_dtype
-    )
-    self._usable.update(zip(bucket.leaves, usable, strict=True))
+    values = tuple(parts)
+    if bucket.kind == "lazy":  # forward only: the stored shards are not differentiated
+      values = tuple(buckets.gather(list(parts), s.shapes_of(bucket), s.axis, s.algorithm))
+    self._fetched[k] = values
     self._parts.update(zip(bucket.leaves, parts, strict=True))
     if new_opt is not None:
       self.new_opt[k] = new_opt
+
+  def _sync(self, k: int, after: jax.Array) -> jax.Array:
+    """Bucket k (fetched) through its sync point (once); returns `after` through it."""
+    if k >= len(self._s.buckets) or k in self._synced:
+      return after
+    self._synced.add(k)
+    s, bucket = self._s, self._s.buckets[k]
+    split = bucket.kind == "split"  # an all-reduce over the nodes; else over all devices
+    usable, after = buckets.sync_point(
+      self._slots[k],
+      self._fetched[k],
+      after,
+      s.node_axis if split else s.axis,
+      s.node_algorithm if split else s.algorithm,
+      s.grad_dtype,
+      split,
+    )
+    self._usable.update(zip(bucket.leaves, usable, strict=True))
     return after
 
   def layer(self, name: str, x: jax.Array) -> tuple[dict, jax.Array]:
@@ -92,15 +118,18 @@ class LayerFeed:
     """
     ks = self._buckets_of_layer.get(name, [])
     if ks:
-      ks = [*ks, *self.ahead(max(ks))]  # this layer's buckets and those ahead
-      if not self._done:
+      last = max(ks)
+      for k in [*ks, *self.ahead(last)]:
+        self._fetch(k, x)
+      synced = [*ks, last + 1]  # this layer's buckets and the next one
+      if not self._synced:
         # The model's input: no gradient is needed there, and threading it through
         # the sync points would make backward compute one (a wasted convolution).
-        for k in ks:
-          self._ensure(k, x)
+        for k in synced:
+          self._sync(k, x)
       else:
-        for k in ks:
-          x = self._ensure(k, x)
+        for k in synced:
+          x = self._sync(k, x)
     return {key: self._usable[i] for i, key in self._leaves_of_layer[name]}, x
 
   def intercept(self, next_fun, args, kwargs, context):
@@ -117,7 +146,7 @@ class LayerFeed:
 
   def new_parts(self) -> dict[int, jax.Array]:
     """Leaf index -> its stored part as the forward pass used it (after the update)."""
-    missing = [b for b in range(len(self._s.buckets)) if b not in self._done]
+    missing = [b for b in range(len(self._s.buckets)) if b not in self._synced]
     if missing:
       raise AssertionError(f"buckets {missing} were never used by the forward pass")
     return dict(self._parts)
