@@ -70,15 +70,15 @@ data.augment.color_cast.channel_probability 0.5          chance each channel is 
 data.augment.color_cast.max_shift       20               shift bound (grid -20..20)
 parallel.strategy                       'hybrid'         'gspmd'|'data'|'lazy'|'hybrid'|'auto'
 parallel.collective                     'butterfly'      'butterfly' | 'ring' | 'direct' | 'xla'
-parallel.node_collective                ''               node x local: across nodes ('': as collective)
+parallel.node_collective                ''               across nodes ('': as collective)
 parallel.conv                           'data'           hybrid: conv layers 'data' | 'lazy'
 parallel.overlap                        'deferred'       'none' | 'deferred' (1 device: as none)
 parallel.bucket_mb                      25.0             MiB of gradients per bucket (0: per layer)
 parallel.fc_micro_batches               0                hybrid FC head in parts (0: GPU 2, else 1)
 parallel.prefetch_mb                    128.0            fetch buckets this many MiB ahead (0: one)
-parallel.grad_dtype                     'float32'        gradient collectives: 'float32' | 'bfloat16'
-parallel.mesh                           (('data', -1),)  (axis, size) pairs, one -1; two: node x local
-parallel.mesh_by_host                   True             GPU processes > 1: default mesh node x local
+parallel.grad_dtype                     'float32'        gradient dtype: 'float32'|'bfloat16'
+parallel.mesh                           (('data', -1),)  (axis, size) pairs; one -1; node x local
+parallel.mesh_by_host                   True             GPU processes: the default by host
 parallel.model_axes                     ()               gspmd: mesh axes of the split FC dim
 parallel.shard_fc                       True             gspmd: split FC1/FC2 (else replicate)
 parallel.num_devices                    8                CPU-only: host devices to simulate
