@@ -69,3 +69,50 @@ def train_cli(workdir, *args, xla_flags=""):
   return run_cli(
     "experiments.train", f"--workdir={workdir}", *TINY_JOB_FLAGS, *args, xla_flags=xla_flags
   )
+
+
+def run_two_processes(script: str, out_dir, timeout: float = 240) -> list[dict]:
+  """Run `python SCRIPT <process id> <port> <out_dir>` as 2 processes of one gloo job.
+
+  Each worker simulates its own devices (no forced device count in XLA_FLAGS) and writes
+  OUT_DIR/process_<i>.json; its output goes to OUT_DIR/process_<i>.log. Fails the test,
+  with both logs' tails, unless both exit 0; returns the two JSON reports.
+  """
+  import json
+  import subprocess
+  import sys
+
+  import portpicker
+
+  port = portpicker.pick_unused_port()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=PATIENT_COLLECTIVES,
+    PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+  )
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(open(os.path.join(out_dir, f"process_{i}.log"), "w"))  # noqa: SIM115
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.abspath(script), str(i), str(port), str(out_dir)],
+        cwd=repo,
+        env=env,
+        stdout=logs[-1],
+        stderr=subprocess.STDOUT,
+      )
+    )
+  try:
+    codes = [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for log in logs:
+      log.close()
+  read = lambda name: open(os.path.join(out_dir, name)).read()  # noqa: E731
+  tails = "".join(read(f"process_{i}.log")[-2000:] for i in range(2))
+  assert codes == [0, 0], tails
+  return [json.loads(read(f"process_{i}.json")) for i in range(2)]

@@ -338,45 +338,15 @@ def _mp_worker(process_id: int, port: int, out_dir: str) -> None:
 
 def test_two_processes_score_their_shares_like_one(tmp_path):
   import json
-  import os
-  import subprocess
-  import sys
 
-  import portpicker
-  from conftest import PATIENT_COLLECTIVES
+  from conftest import run_two_processes
 
-  port = portpicker.pick_unused_port()
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(
-    os.environ,
-    XLA_FLAGS=PATIENT_COLLECTIVES,  # no forced device count: each process sets 4 itself
-    PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-  )
-  procs = [
-    subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
-      cwd=repo,
-      env=env,
-      stdout=open(tmp_path / f"process_{i}.log", "w"),  # noqa: SIM115 (the child owns it)
-      stderr=subprocess.STDOUT,
-    )
-    for i in range(2)
-  ]
-  try:
-    codes = [p.wait(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  tails = "".join((tmp_path / f"process_{i}.log").read_text()[-2000:] for i in range(2))
-  assert codes == [0, 0], tails
+  outs = run_two_processes(__file__, tmp_path)
   reference = json.loads(json.dumps(_mp_evaluate()))  # one process, 8 devices
   n = len(_MP_PHOTOS)
   assert reference["results"]["dense@24"]["top1"] == 1.0
   assert reference["results"]["dense_square@24"]["top1"] < 1.0
-  for i in range(2):
-    out = json.loads((tmp_path / f"process_{i}.json").read_text())
+  for out in outs:
     assert out["shapes"] == [list(p[:2]) for p in _MP_PHOTOS]
     assert out["labels"] == reference["labels"]
     assert out["results"] == reference["results"]

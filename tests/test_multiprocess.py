@@ -8,7 +8,6 @@ computation on the test process's own 8 devices.
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -119,40 +118,9 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
 
 
 def test_to_global_and_device_cache_over_two_processes(tmp_path):
-  import portpicker
-  from conftest import PATIENT_COLLECTIVES
+  from conftest import run_two_processes
 
-  port = portpicker.pick_unused_port()
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(
-    os.environ,
-    XLA_FLAGS=PATIENT_COLLECTIVES,  # No forced device count: each process sets 4 itself.
-    PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
-  )
-  procs, logs = [], []
-  for i in range(2):
-    logs.append(open(tmp_path / f"process_{i}.log", "w"))  # noqa: SIM115 (closed below)
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
-        cwd=repo,
-        env=env,
-        stdout=logs[-1],
-        stderr=subprocess.STDOUT,
-      )
-    )
-  try:
-    codes = [p.wait(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for log in logs:
-      log.close()
-  tails = "".join((tmp_path / f"process_{i}.log").read_text()[-2000:] for i in range(2))
-  assert codes == [0, 0], tails
-  outs = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+  outs = run_two_processes(__file__, tmp_path)
 
   expected_rows = np.concatenate([_rank_rows(0), _rank_rows(1)])  # Process order.
   for out in outs:
