@@ -44,7 +44,7 @@ step before the run commits to it, and `restore_input` applies it to the built i
   its stream (`TrainInput.start_at`), which for Grain is exactly the stream the
   saved run read (it is global: a function of seed and global position).
 In both cases the model and optimizer fields of the saved config must equal
-the current ones (`RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
+the current ones (`checkpoint_compat.RESUME_FIELDS`); `IncompatibleCheckpoint` names the first
 that differs.
 
 A checkpoint whose files cannot be read back (an array file truncated or
@@ -62,8 +62,9 @@ meta's stored shapes equal to Orbax's array metadata) and by the restore itself
 multi-process run agree on it after each read, is `checkpoint_damage`. Only
 process 0 moves folders.
 
-One concept at ~500 lines: the life of a run's checkpoints (save, what is kept,
-restore into any layout, the fallback past damaged ones).
+One concept at ~570 lines: the life of a run's checkpoints (save, what is kept,
+restore into any layout, the fallback past damaged ones); whether a checkpoint fits
+a config is `checkpoint_compat`.
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
-from deep_image.config_error import ConfigError
 from deep_image.parallel.train_state import PendingUpdate, TrainState
+from deep_image.train.checkpoint_compat import (  # noqa: F401 (IncompatibleCheckpoint: public here)
+  IncompatibleCheckpoint,
+  check_compatible,
+)
 from deep_image.train.checkpoint_damage import (
   DamagedCheckpoint,
   Unreadable,
@@ -96,43 +100,6 @@ from deep_image.train.checkpoint_damage import (
   unreadable_reason,
 )
 from deep_image.train.workdir import CHECKPOINTS_DIR, DAMAGED_DIR
-
-# Fields that fix the shapes and the meaning of the saved state: a checkpoint
-# restores only into a config that agrees on all of them.
-RESUME_FIELDS = (
-  "model.name",
-  "model.num_classes",
-  "model.image_size",
-  "model.in_channels",
-  "train.momentum",
-  "train.weight_decay",
-)
-
-
-class IncompatibleCheckpoint(ConfigError):
-  """A checkpoint that cannot restore into the current config (names the field)."""
-
-
-def _field(config_dict: dict, dotted: str) -> Any:
-  value = config_dict
-  for name in dotted.split("."):
-    if not isinstance(value, dict) or name not in value:
-      return None
-    value = value[name]
-  return value
-
-
-def check_compatible(saved_config: dict, config, where: str) -> None:
-  """Raise IncompatibleCheckpoint naming the first RESUME_FIELDS entry that differs."""
-  current = json.loads(config.to_json_best_effort())
-  for dotted in RESUME_FIELDS:
-    was, now = _field(saved_config, dotted), _field(current, dotted)
-    if was != now:
-      raise IncompatibleCheckpoint(
-        f"{where} was written with {dotted}={was!r}, but the config says {dotted}={now!r}; "
-        f"the model and optimizer fields ({', '.join(RESUME_FIELDS)}) must match to restore "
-        "(use another --workdir for a new run)"
-      )
 
 
 class InputState:
