@@ -102,12 +102,10 @@ Axes = str | tuple[str, ...]
 Algorithms = str | Sequence[str]
 
 
-def check_algorithm(algorithm: str) -> None:
-  """ConfigError unless `algorithm` is one of ALGORITHMS (every one runs on any N)."""
+def check_algorithm(algorithm: str, field: str = "parallel.collective") -> None:
+  """ConfigError naming `field` unless `algorithm` is one of ALGORITHMS (all run on any N)."""
   if algorithm not in ALGORITHMS:
-    raise ConfigError(
-      f"parallel.collective={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}"
-    )
+    raise ConfigError(f"{field}={algorithm!r} is not a known algorithm; choose from {ALGORITHMS}")
 
 
 def _two_adic(n: int) -> tuple[int, int]:

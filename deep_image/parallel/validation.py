@@ -64,10 +64,7 @@ def validate_parallel_config(
     )
   collectives.check_algorithm(par.collective)
   if par.node_collective:
-    try:
-      collectives.check_algorithm(par.node_collective)
-    except ConfigError as e:
-      raise ConfigError(str(e).replace("parallel.collective", "parallel.node_collective")) from None
+    collectives.check_algorithm(par.node_collective, "parallel.node_collective")
   if par.grad_dtype not in buckets.GRAD_DTYPES:
     raise ConfigError(
       f"parallel.grad_dtype={par.grad_dtype!r} must be one of {tuple(buckets.GRAD_DTYPES)}"
