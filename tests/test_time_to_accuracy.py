@@ -4,6 +4,7 @@ resume; the table, the figure and the predicted mode from hand-written runs; the
 import json
 import os
 
+import jax
 import pytest
 from conftest import run_cli, tiny_config
 
@@ -40,6 +41,8 @@ def test_the_clock_is_written_monotone_and_continued_over_a_resume(tmp_path):
   # An evaluation carries the clock of its step (evaluating is not training time), and
   # the checkpoint of a step the same value: what a resume continues from.
   assert [(r["step"], r["train_seconds"]) for r in evals] == [(3, clock[3]), (6, clock[6])]
+  # and the size of the mesh that trained it (what the label says, whatever config.json's).
+  assert {r["devices"] for r in evals} == {jax.device_count()}
   checkpoints = Checkpointer(workdir, 3, read_only=True)
   try:
     assert checkpoints.train_seconds(6) == clock[6]
@@ -117,6 +120,19 @@ def test_the_table_gives_exact_steps_seconds_and_speedups(runs):
   assert "not reached (best 0.7000 at step 200, 8.0 s)" in rows[4] and rows[4].endswith("| - | - |")
   # The target is reached at exactly the target value too.
   assert tta.reach(tta.read_run(runs[0]), 0.81).step == 300
+
+
+def test_the_label_counts_the_devices_the_eval_records_name(tmp_path):
+  # A GPU run's config.json says mesh (('data', -1),): the records say how many it used.
+  workdir = _run(tmp_path, "gpus", [(100, 5.0, 0.5), (200, 9.0, 0.9)], devices=1)
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps({**r, "devices": 32} if "top1" in r else r) + "\n")
+  run = tta.read_run(workdir)
+  assert (run.devices, run.label) == (32, "32 devices, hybrid")
 
 
 def test_the_figure_has_one_curve_per_run(runs, tmp_path):

@@ -327,6 +327,8 @@ class _Run:
       "protocol": self.protocol.name,
       **result,
       "train_seconds": self.clock.seconds,
+      # What time to accuracy labels a run by: config.json's mesh may say -1 (all).
+      "devices": self.strategy.mesh.size,
     }
     if record_it:
       self.writer.write_eval(step, record)

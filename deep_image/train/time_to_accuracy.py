@@ -13,10 +13,10 @@ counted, continued over resumes; `deep_image.train.loop`). For a target top-1 T:
   a dotted line; the time axis is logarithmic when the runs' times differ by more than
   `LOG_SPREAD`x.
 
-Runs are labelled by their config.json: "<devices> devices, <strategy>" (devices: the
+Runs are labelled "<devices> devices, <strategy>": devices as the eval records say (the
+size of the run's mesh, recorded since runs wrote it), else as config.json says (the
 product of `parallel.mesh`'s sizes where they are all given, else `parallel.num_devices`,
-which is what a CPU run simulates; config.json does not record the GPU count of a GPU run
-whose mesh is the default `-1`), with the directory name where two labels clash.
+what a CPU run simulates), with the directory name where two labels clash.
 
 Where no cluster is at hand, `predict(...)` makes the predicted figure: for each GPU
 count G of a cluster preset (`parallel.clusters.PRESETS`), the cost model's step time
@@ -144,7 +144,9 @@ def read_run(workdir: str, split: str | None = None) -> Run:
     )
   by_step = {int(r["step"]): r for r in on_split}  # a step evaluated twice: the last record
   steps = tuple(sorted(by_step))
-  devices, strategy = _devices(config), str(config.parallel.strategy)
+  # A run resumed on another mesh records two counts: the last one finished it.
+  devices = int(by_step[steps[-1]].get("devices", 0)) or _devices(config)
+  strategy = str(config.parallel.strategy)
   return Run(
     workdir=workdir,
     label=f"{devices} device{'s' if devices != 1 else ''}, {strategy}",
