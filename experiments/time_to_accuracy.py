@@ -10,7 +10,8 @@ Prints a markdown table: per run, the steps and train seconds (the run clock of 
 records: compilation and evaluation not counted) to the first evaluation at or above
 --target, or "not reached" with the best top-1 and when; the speedups against the first
 run (time and steps). --out draws Figure 4: top-1 against train time, one curve per run,
-labelled "<devices> devices, <strategy>" from each run's config.json. With --predict the
+labelled "<devices> devices, <strategy>" (the devices its eval records name, its strategy
+from config.json). With --predict the
 predicted table follows and the figure is the predicted one (every label says
 "predicted"). The logic: `deep_image/train/time_to_accuracy.py`.
 """
