@@ -1,26 +1,37 @@
-r"""The paper's section 4.2 and 5 results in miniature, on generated data, on a CPU.
+r"""The paper's section 3.3, 4 and 5 results in miniature, on generated data, on a CPU.
 
-  python -m experiments.reproduce --out=/tmp/reproduce            # ~10 min on 2 cores
-  python -m experiments.reproduce --out=/tmp/reproduce_tiny --tiny  # seconds: the machinery
+  python -m experiments.reproduce --out=/tmp/reproduce            # ~25 min on 2 cores
+  python -m experiments.reproduce --out=/tmp/reproduce --results_md=RESULTS.md
+  python -m experiments.reproduce --out=/tmp/reproduce_tiny --tiny --ablations=rotation
 
-Trains three models of one architecture (`configs/highres.py`: vgg_small on 40 px crops
-of generated 96 px scenes whose class is carried by 6-10 px objects; the code:
+Trains models of one architecture (`configs/highres.py`: vgg_small on 40 px crops of
+generated 96 px scenes whose class is carried by 6-10 px objects; the code:
 `experiments/reproduction.py`):
 
-  low         train scale 48, the paper's augmentations   (the paper's 256 model)
-  high        train scale 96, the paper's augmentations   (the paper's 512 model)
-  low_noaug   train scale 48, random crops only
+  low               train scale 48, the paper's augmentations   (the paper's 256 model)
+  high              train scale 96, the paper's augmentations   (the paper's 512 model)
+  low_noaug         train scale 48, random crops only
+  low_no_<aug>      train scale 48, every augmentation but <aug> (--ablations; default all:
+                    flip, rotation, lens_distortion, vignetting, color_cast)
 
 then measures, at each model's own scale S:
   1. low, high and the two fused (softmax posteriors averaged) under each protocol of 3
      (the paper: 7.96% / 7.42% top-5 error alone, 6.97% fused);
-  2. low with and without augmentations: top-1 on the training images (centre crops,
-     no augmentation) against validation, the gap the augmentations attack;
-  3. centre crop, dense, dense + flip, dense + flip at scales (5S/6, S, 7S/6).
+  2. every low-scale model: top-1 on the training images (centre crops, no augmentation)
+     against validation, the gap the augmentations attack, and what turning each
+     augmentation off costs or gains;
+  3. centre crop, dense, dense + flip, dense + flip at scales (5S/6, S, 7S/6);
+  4. every low-scale model on validation images under each test-time perturbation of
+     `deep_image.data.perturb` at its default strength (Figures 8-9);
+  5. each run's time to TIME_TO_ACCURACY_TARGET top-1 (Figure 4 on this machine) and the
+     cost model's prediction of the high run's on 1-32 GPUs of the minwa preset.
 
-Writes OUT/results.json, OUT/results.md (the tables) and OUT/reproduce.png (validation
-curves and the protocol bars). Runs live in OUT/runs/<name>: a rerun reuses finished runs
-(and resumes interrupted ones), and every seed is fixed, so it prints the same tables.
+Writes OUT/results.json, OUT/results.md (every table, `experiments/reproduction_report.py`,
+drawn from results.json alone) and OUT/reproduce.png; with --results_md, rewrites that
+file's `<!-- reproduce:NAME -->` tables from the same results (RESULTS.md: copy
+results.json beside the figure and name it in its `<!-- reproduce:results PATH -->` line).
+Runs live in OUT/runs/<name>: a rerun reuses finished runs (and resumes interrupted ones),
+and every seed is fixed, so it prints the same accuracies.
 """
 
 import json
@@ -29,32 +40,50 @@ import time
 
 from absl import app, flags, logging
 
+from deep_image.config_error import ConfigError
 from experiments import cli
-from experiments.reproduction import draw, markdown, measure, run_configs
+from experiments.reproduction import check_ablations, measure, run_configs
+from experiments.reproduction_report import draw, markdown, render_blocks
 
 
 def _define_flags() -> None:
   # Defined only when run as a script, so that importing this module defines no flags.
   flags.DEFINE_string("out", None, "Folder for the runs, tables and figure.")
   flags.DEFINE_bool("tiny", False, "The `tiny` variants: seconds, numbers meaningless.")
+  flags.DEFINE_string(
+    "ablations", "all", "Augmentations to train a low model without, one run each: "
+    "comma-separated names, 'all' or '' (none)."
+  )
+  flags.DEFINE_string(
+    "results_md", "", "A markdown file whose <!-- reproduce:NAME --> tables to rewrite."
+  )
   flags.mark_flag_as_required("out")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  configs = run_configs(flags.FLAGS.tiny)
+  configs = run_configs(flags.FLAGS.tiny, check_ablations(flags.FLAGS.ablations))
+  if flags.FLAGS.results_md and not os.path.isfile(flags.FLAGS.results_md):
+    # Said before the runs train, not after.
+    raise ConfigError(f"--results_md={flags.FLAGS.results_md!r} is not a file")
   cli.configure_devices(configs["low"])
   out = flags.FLAGS.out
   os.makedirs(out, exist_ok=True)
   start = time.perf_counter()
-  results = measure(configs, out)
+  results = measure(configs, out, log=logging.info)
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, sort_keys=True)
+    json.dump(results, f, indent=1)
   text = markdown(results)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
-  draw(results, out, os.path.join(out, "reproduce.png"))
+  draw(results, os.path.join(out, "reproduce.png"))
+  if flags.FLAGS.results_md:
+    with open(flags.FLAGS.results_md) as f:
+      page = f.read()
+    with open(flags.FLAGS.results_md, "w") as f:
+      f.write(render_blocks(page, results))
+    logging.info("rewrote the tables of %s", flags.FLAGS.results_md)
   print(text)
   logging.info("reproduce: %.0f s; %s/results.md, reproduce.png", time.perf_counter() - start, out)
 

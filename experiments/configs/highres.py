@@ -24,14 +24,17 @@ rendered on the fly (2 ms each). `experiments.reproduce` trains both, plus one w
 augmentations, and fuses them (RESULTS.md).
 
 Variants: `high` (train scale 96); `noaug` (the paper's augmentations off, random crops
-kept); `tiny` (vgg_tiny, 48 px scenes at scale 24, 12 steps: seconds, for tests).
+kept); `no_flip`, `no_rotation`, `no_lens_distortion`, `no_vignetting`, `no_color_cast`
+(that one off, the others kept: `reproduce`'s ablations); `tiny` (vgg_tiny, 48 px scenes
+at scale 24, 12 steps: seconds, for tests).
 """
 
 import ml_collections
 
 from experiments.configs import base
 
-_AUGMENTATIONS = ("flip", "rotation", "lens_distortion", "vignetting", "color_cast")
+# The paper's augmentations beyond the random crop, each a `data.augment` entry.
+AUGMENTATIONS = ("flip", "rotation", "lens_distortion", "vignetting", "color_cast")
 
 
 def high(c: ml_collections.ConfigDict) -> None:
@@ -41,8 +44,18 @@ def high(c: ml_collections.ConfigDict) -> None:
 
 def noaug(c: ml_collections.ConfigDict) -> None:
   """No photometric or geometric augmentation beyond the random crop, in place."""
-  for name in _AUGMENTATIONS:
+  for name in AUGMENTATIONS:
     c.data.augment[name].enabled = False
+
+
+def without(augmentation: str) -> base.Variant:
+  """The variant `no_<augmentation>`: that one augmentation off, the others kept."""
+
+  def variant(c: ml_collections.ConfigDict) -> None:
+    c.data.augment[augmentation].enabled = False
+
+  variant.__doc__ = f"data.augment.{augmentation} off, in place (an ablation)."
+  return variant
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
@@ -57,7 +70,12 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.train.eval_batch_size = 32
 
 
-VARIANTS: dict[str, base.Variant] = {"high": high, "noaug": noaug, "tiny": tiny}
+VARIANTS: dict[str, base.Variant] = {
+  "high": high,
+  "noaug": noaug,
+  "tiny": tiny,
+  **{f"no_{name}": without(name) for name in AUGMENTATIONS},
+}
 
 
 def highres() -> ml_collections.ConfigDict:
@@ -79,13 +97,18 @@ def highres() -> ml_collections.ConfigDict:
   c.train.batch_size = 64
   c.train.eval_batch_size = 160
   c.train.num_steps = 1000
-  # 0.02 (the digits rate) leaves these scenes at chance for 600+ steps; 0.05 learns.
-  c.train.learning_rate = 0.05  # warmup_steps, log_every: base's (50)
-  c.train.eval_every = 250
+  # 0.02. At 0.05 (this job's rate until 2026-12-02) whether `high` left chance hung on
+  # the float summation order of the gradient collective: butterfly (nearest-first) and
+  # xla collapsed to one class, ring learned; 0.03 learned, then collapsed at step 500.
+  # At 0.02 low and high learn under every algorithm tried (RESULTS.md).
+  c.train.learning_rate = 0.02  # warmup_steps, log_every: base's (50)
+  # Ten points on each validation curve (the time-to-accuracy figure); 800 scenes take
+  # about a second, not counted in the run clock.
+  c.train.eval_every = 100
   c.train.checkpoint_every = 250
   return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The highres job; `arg`: comma-separated variants ('high', 'noaug', 'tiny')."""
+  """The highres job; `arg`: comma-separated variants (VARIANTS' names)."""
   return base.apply_variants(highres(), arg, VARIANTS)
