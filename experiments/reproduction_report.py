@@ -27,7 +27,8 @@ from experiments.configs.highres import AUGMENTATIONS
 from experiments.markdown import table
 from experiments.reproduction import FUSED, PROTOCOLS, ablation_run
 
-_BLOCK = re.compile(r"<!-- reproduce:(\w+) -->\n(.*?)\n<!-- /reproduce:\1 -->", re.DOTALL)
+# A block: its opening line, anything (an old table, or nothing), its closing line.
+_BLOCK = re.compile(r"<!-- reproduce:(\w+) -->\n(.*?)<!-- /reproduce:\1 -->", re.DOTALL)
 _SOURCE = re.compile(r"<!-- reproduce:results (\S+) -->")
 
 
