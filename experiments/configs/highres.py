@@ -14,8 +14,8 @@ flip, so flips are fair augmentations and test views, as on ImageNet. The model
 paper's 256 vs 512 models with 224 crops:
 
 * default, the low-resolution model: scenes resized to 48 (discs 6-8 px; the 2.5 and
-  3.5 px stripes fall below 2 px and blur away), crops cover 83% of the side (the
-  paper's 224 of 256: 88%);
+  3.5 px stripes fall below 2 px, damaged though still readable), crops cover 83% of the
+  side (the paper's 224 of 256: 88%);
 * `:high`, the high-resolution model: scenes at 96, every period visible, crops cover
   42% (the paper's 224 of 512: 44%).
 
