@@ -51,8 +51,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Folder for the runs, tables and figure.")
   flags.DEFINE_bool("tiny", False, "The `tiny` variants: seconds, numbers meaningless.")
   flags.DEFINE_string(
-    "ablations", "all", "Augmentations to train a low model without, one run each: "
-    "comma-separated names, 'all' or '' (none)."
+    "ablations",
+    "all",
+    "Augmentations to train a low model without, one run each: "
+    "comma-separated names, 'all' or '' (none).",
   )
   flags.DEFINE_string(
     "results_md", "", "A markdown file whose <!-- reproduce:NAME --> tables to rewrite."

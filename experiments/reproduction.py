@@ -111,8 +111,13 @@ def _time_to_accuracy(workdirs: dict[str, str]) -> dict:
         "run": PREDICT_RUN,
         "cluster": PREDICT_CLUSTER,
         "rows": [
-          {"gpus": p.gpus, "strategy": p.strategy, "step_s": p.step_s, "steps": p.steps,
-           "seconds": p.seconds}  # fmt: skip
+          {
+            "gpus": p.gpus,
+            "strategy": p.strategy,
+            "step_s": p.step_s,
+            "steps": p.steps,
+            "seconds": p.seconds,
+          }  # fmt: skip
           for p in predicted
         ],
       }

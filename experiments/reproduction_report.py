@@ -103,8 +103,13 @@ def protocols_table(results: dict) -> str:
 
 def overfitting_table(results: dict) -> str:
   rows = [
-    (name, results["runs"][name]["description"], _pct(g["train_top1"]),
-     _pct(g["validation_top1"]), f"{100 * g['gap']:.2f}")  # fmt: skip
+    (
+      name,
+      results["runs"][name]["description"],
+      _pct(g["train_top1"]),
+      _pct(g["validation_top1"]),
+      f"{100 * g['gap']:.2f}",
+    )  # fmt: skip
     for name, g in ((n, results["gap"][n]) for n in ("low", "low_noaug"))
   ]
   return table(("run", "training", "train top-1 %", "validation top-1 %", "gap, points"), rows)
@@ -171,9 +176,7 @@ def predicted_time_to_accuracy_table(results: dict) -> str:
     return "(no prediction: the high-resolution run was not measured)"
   if "error" in predicted:
     return f"(no prediction: {predicted['error']})"
-  rows = [
-    tta.Predicted(cluster=predicted["cluster"], label="", **row) for row in predicted["rows"]
-  ]
+  rows = [tta.Predicted(cluster=predicted["cluster"], label="", **row) for row in predicted["rows"]]
   return tta.predicted_table(rows, tta_results["target"])
 
 

@@ -91,7 +91,9 @@ def test_reproduce_tiny_writes_tables_and_figure_and_reruns_the_same(tmp_path):
 
 def test_render_blocks_names_an_unknown_table():
   with pytest.raises(ValueError, match="reproduce:nonsense"):
-    reproduction_report.render_blocks("<!-- reproduce:nonsense -->\nx\n<!-- /reproduce:nonsense -->", {})
+    reproduction_report.render_blocks(
+      "<!-- reproduce:nonsense -->\nx\n<!-- /reproduce:nonsense -->", {}
+    )
 
 
 def test_results_md_tables_are_rendered_from_the_committed_json():
