@@ -19,6 +19,34 @@ if "collective_call_terminate_timeout" not in _flags:
   _flags += " " + PATIENT_COLLECTIVES
 os.environ["XLA_FLAGS"] = _flags.strip()
 
+# One JAX persistent compilation cache for the CLI subprocesses of a test session
+# (`run_cli`): most of them compile the same tiny programs again (a resume, a rerun, a
+# reader of the run just trained), and compiling is most of a tiny run's seconds. Made by
+# the first process that loads this file (pytest, or the xdist controller, whose workers
+# inherit the variable) and removed when it exits. The test processes themselves do not
+# use it. XLA:CPU compiles deterministically, so a cached program is the one a fresh
+# compile would give: bit-for-bit comparisons between runs still hold.
+_COMPILE_CACHE = "DEEP_IMAGE_TEST_COMPILE_CACHE"
+if _COMPILE_CACHE not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  os.environ[_COMPILE_CACHE] = tempfile.mkdtemp(prefix="deep-image-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ[_COMPILE_CACHE], ignore_errors=True)
+
+
+def subprocess_env(xla_flags: str = "") -> dict:
+  """os.environ for a CLI subprocess: patient collectives plus `xla_flags` in XLA_FLAGS
+  (the test process's forced device count left out) and the session's compilation cache."""
+  return dict(
+    os.environ,
+    XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}".strip(),
+    JAX_COMPILATION_CACHE_DIR=os.environ[_COMPILE_CACHE],
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+
+
 # `experiments.train` flags for a seconds-long job: the default config's `tiny` variant
 # (vgg_tiny on 16 px digit crops; experiments/configs/base.py); CLI tests add their own
 # steps and devices.
@@ -50,7 +78,8 @@ def run_cli(module, *args, xla_flags=""):
   """`python -m MODULE args...`, completed (stdout, stderr captured as text).
 
   Runs with patient collectives and `xla_flags` appended to XLA_FLAGS (e.g. a device
-  count; without one the scripts simulate the config's `parallel.num_devices`).
+  count; without one the scripts simulate the config's `parallel.num_devices`), through
+  the session's compilation cache (`subprocess_env`).
   """
   import subprocess
   import sys
@@ -59,7 +88,7 @@ def run_cli(module, *args, xla_flags=""):
     [sys.executable, "-m", module, *args],
     capture_output=True,
     text=True,
-    env=dict(os.environ, XLA_FLAGS=f"{PATIENT_COLLECTIVES} {xla_flags}".strip()),
+    env=subprocess_env(xla_flags),
     timeout=300,
   )
 

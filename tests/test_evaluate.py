@@ -130,6 +130,23 @@ def test_evaluate_ensemble_and_predict_end_to_end(tmp_path):
     "step": 12,
     "split": "validation",
   }
+  # --perturb: keyed beside the clean results (kept), with the top-1 drop from them.
+  done = run_cli(
+    "experiments.evaluate", f"--workdir={low}", "--checkpoint=latest", "--perturb=rotation:10"
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(low / "eval.json") as f:
+    table = json.load(f)
+  assert len(table) == 13 and table["center@24"]["top1"] == result["top1"]
+  perturbed = table["center@24/perturb=rotation:10"]
+  assert (perturbed["count"], perturbed["step"]) == (result["count"], 12)
+  row = next(line for line in done.stdout.splitlines() if "/perturb=rotation:10 |" in line)
+  drop = result["top1"] - perturbed["top1"]
+  assert "top-1 drop" in done.stdout and row.rstrip(" |").endswith(f"{drop:.2%}")
+  done = run_cli("experiments.evaluate", f"--workdir={low}", "--perturb=rotate")
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1].startswith("config error: --perturb='rotate'")
+
   # 'best' is the evaluated checkpoint with the highest top-1 (step 8 or 12 here).
   with open(low / "metrics.jsonl") as f:
     evals = [r for r in map(json.loads, f) if "split" in r]

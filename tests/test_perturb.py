@@ -1,17 +1,17 @@
-"""Test-time perturbations (`deep_image/data/perturb.py`) and `experiments.evaluate --perturb`.
+"""Test-time perturbations (`deep_image/data/perturb.py`; `experiments.evaluate --perturb`
+end to end: tests/test_evaluate.py, on the run it trains anyway).
 
 The perturbations are checked against what they promise (how far each moves a textured
 image, what is drawn per image, identities at strength 0) and, where they share a
 convention with training, against `augment_host` itself on square images.
 """
 
-import json
 import pickle
 
 import numpy as np
 import pytest
 import simplejpeg
-from conftest import run_cli, tiny_config, train_cli
+from conftest import tiny_config
 
 from deep_image.config_error import ConfigError
 from deep_image.data import augment, augment_host, pipeline
@@ -255,28 +255,3 @@ def test_perturbed_source_through_the_eval_iterator(mode):
   if mode == "whole":  # the header pre-pass reads the perturbed arrays' shapes
     shapes = {b["image"].shape[1:3] for b in batches}
     assert shapes == {(20, 24), (24, 20)}
-
-
-def test_evaluate_cli_keys_perturbed_results_beside_the_clean_ones(tmp_path):
-  workdir = tmp_path / "run"
-  one_device = "--xla_force_host_platform_device_count=1"
-  steps = ("--config.train.num_steps=2", "--config.train.eval_every=0")
-  done = train_cli(workdir, *steps, "--config.parallel.num_devices=1", xla_flags=one_device)
-  assert done.returncode == 0, done.stderr[-3000:]
-  args = ("experiments.evaluate", f"--workdir={workdir}", "--checkpoint=latest")
-  clean = run_cli(*args, xla_flags=one_device)
-  assert clean.returncode == 0, clean.stderr[-3000:]
-  done = run_cli(*args, "--perturb=rotation:10", xla_flags=one_device)
-  assert done.returncode == 0, done.stderr[-3000:]
-  with open(workdir / "eval.json") as f:
-    table = json.load(f)
-  (name,) = (k for k in table if "/" not in k)  # center@S, the clean result, kept
-  assert set(table) == {name, f"{name}/perturb=rotation:10"}
-  perturbed = table[f"{name}/perturb=rotation:10"]
-  assert perturbed["count"] == table[name]["count"] and perturbed["step"] == table[name]["step"]
-  row = next(line for line in done.stdout.splitlines() if "/perturb=rotation:10 |" in line)
-  drop = table[name]["top1"] - perturbed["top1"]
-  assert "top-1 drop" in done.stdout and row.rstrip(" |").endswith(f"{drop:.2%}")
-  bad = run_cli(*args, "--perturb=rotate", xla_flags=one_device)
-  assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  assert bad.stderr.strip().splitlines()[-1].startswith("config error: --perturb='rotate'")

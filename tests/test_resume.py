@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import PATIENT_COLLECTIVES, logged_steps
+from conftest import logged_steps, subprocess_env
 from conftest import tiny_config as tiny
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -45,7 +45,7 @@ def _command(workdir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
+  return subprocess_env()
 
 
 def _run(workdir, timeout=300):

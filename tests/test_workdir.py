@@ -15,7 +15,7 @@ import time
 
 import orbax.checkpoint as ocp
 import pytest
-from conftest import PATIENT_COLLECTIVES, logged_steps, run_cli
+from conftest import logged_steps, run_cli, subprocess_env
 from conftest import tiny_config as tiny
 
 from deep_image.config_error import ConfigError
@@ -45,7 +45,7 @@ def _command(workdir, num_steps):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS=PATIENT_COLLECTIVES)
+  return subprocess_env()
 
 
 def _wait_for_steps(workdir, steps, proc, timeout=240):
