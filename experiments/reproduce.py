@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from deep_image.config_error import ConfigError
 from experiments import cli
 from experiments.reproduction import check_ablations, measure, run_configs
-from experiments.reproduction_report import draw, markdown, render_blocks
+from experiments.reproduction_report import TABLES, block_names, draw, markdown, render_blocks
 
 
 def _define_flags() -> None:
@@ -62,13 +62,25 @@ def _define_flags() -> None:
   flags.mark_flag_as_required("out")
 
 
+def _check_page(path: str) -> None:
+  """ConfigError naming --results_md: not a file, or a block that names no table."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"--results_md={path!r} is not a file")
+  with open(path) as f:
+    unknown = sorted(set(block_names(f.read())) - set(TABLES))
+  if unknown:
+    raise ConfigError(
+      f"--results_md={path!r}: <!-- reproduce:{unknown[0]} --> names no table; known: "
+      f"{sorted(TABLES)}"
+    )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   configs = run_configs(flags.FLAGS.tiny, check_ablations(flags.FLAGS.ablations))
-  if flags.FLAGS.results_md and not os.path.isfile(flags.FLAGS.results_md):
-    # Said before the runs train, not after.
-    raise ConfigError(f"--results_md={flags.FLAGS.results_md!r} is not a file")
+  if flags.FLAGS.results_md:  # said before the runs train, not after
+    _check_page(flags.FLAGS.results_md)
   cli.configure_devices(configs["low"])
   out = flags.FLAGS.out
   os.makedirs(out, exist_ok=True)
@@ -82,9 +94,10 @@ def main(argv):
   draw(results, os.path.join(out, "reproduce.png"))
   if flags.FLAGS.results_md:
     with open(flags.FLAGS.results_md) as f:
-      page = f.read()
-    with open(flags.FLAGS.results_md, "w") as f:
-      f.write(render_blocks(page, results))
+      page = render_blocks(f.read(), results)  # before the file is touched: it may raise
+    with open(flags.FLAGS.results_md + ".tmp", "w") as f:
+      f.write(page)
+    os.replace(flags.FLAGS.results_md + ".tmp", flags.FLAGS.results_md)
     logging.info("rewrote the tables of %s", flags.FLAGS.results_md)
   print(text)
   logging.info("reproduce: %.0f s; %s/results.md, reproduce.png", time.perf_counter() - start, out)

@@ -89,6 +89,24 @@ def test_reproduce_tiny_writes_tables_and_figure_and_reruns_the_same(tmp_path):
     assert rerun[key] == results[key], key
 
 
+def test_a_page_with_an_unknown_table_is_refused_before_any_run_trains(tmp_path):
+  page = tmp_path / "PAGE.md"
+  text = "<!-- reproduce:nonsense -->\nkept\n<!-- /reproduce:nonsense -->\n"
+  page.write_text(text)
+  done = run_cli(
+    "experiments.reproduce", f"--out={tmp_path / 'out'}", "--tiny", f"--results_md={page}"
+  )
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert (
+    done.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      f"config error: --results_md={str(page)!r}: <!-- reproduce:nonsense --> names no table"
+    )
+  )
+  assert page.read_text() == text and not (tmp_path / "out" / "runs").exists()
+
+
 def test_render_blocks_names_an_unknown_table():
   with pytest.raises(ValueError, match="reproduce:nonsense"):
     reproduction_report.render_blocks(
