@@ -52,8 +52,8 @@ def _define_flags() -> None:
 def results_table(results: dict, clean_top1: dict | None = None) -> str:
   """protocol -> {top1, top5, count} as a markdown table with the error rates.
 
-  clean_top1: protocol -> the unperturbed top-1 of the same protocol; when given, a
-  'top-1 drop' column (clean minus this row's top-1; blank where a protocol has none).
+  clean_top1: row name -> the unperturbed top-1 of the same protocol; when given, a
+  'top-1 drop' column (clean minus this row's top-1; blank where a row has none).
   """
   header = ("protocol", "top-1", "top-5", "top-1 error", "top-5 error", "images")
   rows = []
@@ -67,7 +67,7 @@ def results_table(results: dict, clean_top1: dict | None = None) -> str:
       r["count"],
     )
     if clean_top1 is not None:
-      clean = clean_top1.get(name.split("/perturb=")[0])
+      clean = clean_top1.get(name)
       row += ("" if clean is None else f"{clean - r['top1']:.2%}",)
     rows.append(row)
   return table(header + (("top-1 drop",) if clean_top1 is not None else ()), rows)
@@ -120,9 +120,13 @@ def main(argv):
   else:
     source = PerturbedSource(make_source(config.data, split), perturbation)
     evaluation = evaluator.run(trained.params, protocols, split=split, source=source)
-    results = {f"{k}/perturb={perturbation.label}": v for k, v in evaluation.results.items()}
     earlier = read_results(out, step=trained.step, split=split)
-    clean_top1 = {p.name: earlier[p.name]["top1"] for p in protocols if p.name in earlier}
+    results, clean_top1 = {}, {}
+    for name, result in evaluation.results.items():
+      key = f"{name}/perturb={perturbation.label}"  # beside the clean `name`
+      results[key] = result
+      if name in earlier:
+        clean_top1[key] = earlier[name]["top1"]
   write_results(out, results, step=trained.step, split=split)
   print(f"{flags.FLAGS.workdir}, step {trained.step}, split {split!r}:\n")
   print(results_table(results, clean_top1 or None))

@@ -40,16 +40,15 @@ def _points(x: float) -> str:
   return f"{100 * x:+.2f}"
 
 
-def low_scale_runs(results: dict) -> list[str]:
-  """low, its ablations (AUGMENTATIONS order), low_noaug: those measured in `results`."""
-  order = ["low", *(ablation_run(a) for a in AUGMENTATIONS), "low_noaug"]
-  return [name for name in order if name in results["gap"]]
-
-
 def run_order(results: dict) -> list[str]:
   """Every run in `results`: low, high, the ablations, low_noaug (JSON key order aside)."""
   order = ["low", "high", *(ablation_run(a) for a in AUGMENTATIONS), "low_noaug"]
   return [name for name in order if name in results["runs"]]
+
+
+def low_scale_runs(results: dict) -> list[str]:
+  """`run_order` without high: the runs with a train - validation gap measured."""
+  return [name for name in run_order(results) if name in results["gap"]]
 
 
 def perturbation_order(results: dict) -> list[str]:
