@@ -29,6 +29,14 @@ def test_table2_model_has_the_papers_212_7m_weights():
   assert nn.unbox(params)["fc1"]["kernel"].shape == (7 * 7 * 512, 6144)
 
 
+@pytest.mark.parametrize("name, weights", [("vgg16", 138_357_544), ("vgg11", 132_863_336)])
+def test_simonyan_zisserman_configurations_have_their_published_weight_counts(name, weights):
+  # Simonyan & Zisserman (2014) Table 2 gives 133M (A) and 138M (D); D's exact
+  # count, 138,357,544, is the one every VGG-16 implementation reports.
+  assert count_parameters(_abstract_params(name)) == weights
+  assert summary.total_parameters(make_spec(name, num_classes=1000, image_size=224)) == weights
+
+
 def test_summary_table_agrees_with_flax_for_every_model():
   from deep_image.models.vgg import MODELS
 

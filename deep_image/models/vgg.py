@@ -306,6 +306,13 @@ MODELS: dict[str, dict] = {
     fc=(8192, 8192),
   ),
   "deep_image_16_fc8192": dict(stages=_VGG16_STAGES, fc=(8192, 8192)),
+  # Simonyan & Zisserman (2014), "Very Deep Convolutional Networks", Table 1
+  # configurations A (VGG-11) and D (VGG-16) with their FC 4096-4096: not Deep
+  # Image models, here so that published scaling studies of VGG can be replayed
+  # (`experiments.plan --config.model.name=vgg16`). 132,863,336 / 138,357,544
+  # weights at 224 px, 1000 classes.
+  "vgg11": dict(stages=((64,), (128,), (256, 256), (512, 512), (512, 512)), fc=(4096, 4096)),
+  "vgg16": dict(stages=_VGG16_STAGES, fc=(4096, 4096)),
   # CPU variants (not in the paper): same shape of network, tiny widths.
   "vgg_small": dict(stages=((16, 16), (32, 32), (64, 64)), fc=(256, 256)),
   "vgg_tiny": dict(stages=((4,), (8,)), fc=(24, 24)),
